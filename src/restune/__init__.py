@@ -1,0 +1,29 @@
+"""restune: Res-Tuning and related parameter-efficient tuners for timm vision transformers.
+
+Public functions only; everything else is reachable through its module (``restune.sites``, ``restune.tuners``...).
+"""
+
+from restune import backbones, parity, tuners
+from restune.checkpoint import load, save
+from restune.presets import presets
+from restune.report import Report, report
+from restune.spec import TuneSpec
+from restune.tune import disabled, set_active, tune
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "tune",
+    "presets",
+    "report",
+    "Report",
+    "TuneSpec",
+    "set_active",
+    "disabled",
+    "save",
+    "load",
+    "parity",
+    "backbones",
+    "tuners",
+    "__version__",
+]

@@ -1,0 +1,193 @@
+"""How tuners are bound to frozen operations at run time: forward hooks, never a wrapper module.
+
+Each hooked module gets one *host* that adds the active set's tuner outputs to what the module computed. Because the
+frozen modules are neither replaced nor wrapped, their state-dict names stay timm's, ``forward_features`` and the
+user's own loop keep working, and disabling the tuners is a flag, not a model surgery.
+
+- ``OutputHost`` (parallel and weight-delta tuners): out + sum_k t_k(x), where a tuner on a virtual q/k/v site adds
+  to its row block of the fused qkv output only.
+- ``AttentionHost`` (attention-branch tuners): captures the backbone's own query from ``qkv`` (before any tuner
+  delta), and adds s * P W_o. When s is one number and ``proj`` carries no tuner, the branch is added to the input
+  of ``proj`` so the backbone's W_o product is shared (exact, as W_o is linear); otherwise it is projected through
+  the frozen W_o separately and added to the attention output.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from restune.tuners.base import Tuner
+
+__all__ = ["TunerStore", "TunerSet", "OutputHost", "AttentionHost"]
+
+
+class TunerSet(nn.Module):
+    """One named set of tuners: a module tree mirroring the site names, plus what the set owns of the model.
+
+    Attributes:
+        tuners: tuner modules at ``<site name>.<tuner type>`` (e.g. ``blocks.0.mlp.res_adapter``).
+        spec: the resolved spec the set was built from (saved with its checkpoint).
+        trains_head: whether the set trains its own copy of the classifier head.
+        backbone_names: backbone parameters this set trains (their values are swapped in when it is active).
+    """
+
+    def __init__(self, spec: Any, trains_head: bool, backbone_names: list[str]) -> None:
+        super().__init__()
+        self.tuners = nn.Module()
+        self.spec = spec
+        self.trains_head = trains_head
+        self.backbone_names = backbone_names
+        self.__dict__["backbone_values"] = {}  # name -> tensor while the set is inactive; hidden from state_dict
+
+    def add(self, site_name: str, tuner_type: str, module: Tuner) -> str:
+        """Place a tuner in the tree and return its dotted key inside ``tuners``."""
+        node = self.tuners
+        for part in site_name.split("."):
+            if not hasattr(node, part):
+                node.add_module(part, nn.Module())
+            node = getattr(node, part)
+        name, index = tuner_type, 1
+        while hasattr(node, name):
+            name, index = f"{tuner_type}_{index}", index + 1
+        node.add_module(name, module)
+        return f"{site_name}.{name}"
+
+    def named_tuners(self) -> list[tuple[str, Tuner]]:
+        """(key, tuner) pairs in attachment order."""
+        return [(name, module) for name, module in self.tuners.named_modules() if isinstance(module, Tuner)]
+
+
+class TunerStore(nn.Module):
+    """Everything restune adds to a model, under ``model.restune``: the tuner sets and the hooks' shared state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sets = nn.ModuleDict()
+        self.active: str | None = None
+        self.enabled = True
+        self.__dict__["hosts"] = {}  # id(module) -> host
+        self.__dict__["original_head"] = None  # a hidden copy of the head as it was before the first tune
+        self.__dict__["original_backbone"] = {}  # name -> tensor as it was before any set trained it
+
+    def active_entries(self, host: OutputHost | AttentionHost) -> list:
+        if not self.enabled or self.active is None:
+            return []
+        return host.entries.get(self.active, [])
+
+    def host(self, module: nn.Module, kind: type) -> Any:
+        key = (id(module), kind)
+        if key not in self.hosts:
+            self.hosts[key] = kind(self, module)
+        return self.hosts[key]
+
+    def output_entries(self, module: nn.Module) -> list:
+        host = self.hosts.get((id(module), OutputHost))
+        return self.active_entries(host) if host is not None else []
+
+    def remove_hooks(self) -> None:
+        for host in self.hosts.values():
+            for handle in host.handles:
+                handle.remove()
+        self.hosts.clear()
+
+
+def _first_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else next(iter(kwargs.values()))
+
+
+class OutputHost:
+    """Adds parallel and weight-delta tuner outputs to one module's output."""
+
+    def __init__(self, store: TunerStore, module: nn.Module) -> None:
+        self.store = store
+        self.entries: dict[str, list[tuple[Tuner, tuple[int, int] | None]]] = {}
+        self.handles: list[RemovableHandle] = [module.register_forward_hook(self._hook, with_kwargs=True)]
+
+    def add(self, set_name: str, tuner: Tuner, rows: tuple[int, int] | None) -> None:
+        self.entries.setdefault(set_name, []).append((tuner, rows))
+
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
+        entries = self.store.active_entries(self)
+        if not entries:
+            return None
+        x = _first_input(args, kwargs)
+        by_rows: dict[tuple[int, int], torch.Tensor] = {}
+        for tuner, rows in entries:
+            delta = tuner(x)
+            if rows is None:
+                output = output + delta
+            else:
+                by_rows[rows] = by_rows[rows] + delta if rows in by_rows else delta
+        if by_rows:
+            pieces, start = [], 0
+            for (lo, hi), delta in sorted(by_rows.items()):
+                if lo > start:
+                    pieces.append(output[..., start:lo])
+                pieces.append(output[..., lo:hi] + delta)
+                start = hi
+            if start < output.shape[-1]:
+                pieces.append(output[..., start:])
+            output = torch.cat(pieces, dim=-1)
+        return output
+
+
+class AttentionHost:
+    """Adds attention-branch tuners (Res-Prefix, Res-Prompt) beside a timm ``Attention``'s own computation."""
+
+    def __init__(self, store: TunerStore, attention: nn.Module) -> None:
+        self.store = store
+        self.attention = attention
+        self.entries: dict[str, list[Tuner]] = {}
+        self._query: torch.Tensor | None = None
+        self._injected = False
+        self.handles = [
+            attention.qkv.register_forward_hook(self._capture_query, prepend=True),
+            attention.proj.register_forward_pre_hook(self._inject),
+            attention.register_forward_hook(self._add_after),
+        ]
+
+    def add(self, set_name: str, tuner: Tuner) -> None:
+        self.entries.setdefault(set_name, []).append(tuner)
+
+    def _capture_query(self, qkv: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if not self.store.active_entries(self):
+            return
+        attention = self.attention
+        width = output.shape[-1] // 3
+        query = output[..., :width].unflatten(-1, (attention.num_heads, width // attention.num_heads))
+        self._query = attention.q_norm(query.transpose(1, 2))
+
+    def _can_share_projection(self) -> bool:
+        drop = self.attention.proj_drop
+        dropping = isinstance(drop, nn.Dropout) and drop.p > 0 and drop.training
+        return not dropping and not self.store.output_entries(self.attention.proj)
+
+    def _inject(self, proj: nn.Module, args: tuple) -> tuple | None:
+        entries = self.store.active_entries(self)
+        if not entries or self._query is None or not self._can_share_projection():
+            return None
+        if not all(tuner.scale.is_scalar for tuner in entries):
+            return None
+        x = args[0]
+        for tuner in entries:
+            x = x + tuner.scale(tuner.branch(self._query, self.attention))
+        self._injected = True
+        return (x, *args[1:])
+
+    def _add_after(self, attention: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        entries = self.store.active_entries(self)
+        query, injected = self._query, self._injected
+        self._query, self._injected = None, False
+        if not entries or injected:
+            return None
+        if query is None:
+            raise RuntimeError(f"{type(attention).__name__}: the query was not captured; was qkv bypassed?")
+        for tuner in entries:
+            branch = F.linear(tuner.branch(query, attention), attention.proj.weight)
+            output = output + tuner.scale(branch)
+        return output
