@@ -4,10 +4,10 @@ YAML schema (every key but ``tuners`` optional)::
 
     tuners:                       # one entry per tuner; 'type' is a registered tuner name
       - type: res_prefix
-        sites: "blocks\.\d+\.attn"   # regex on the whole dotted name, or a list of names / dotted suffixes
+        sites: 'blocks\.\d+\.attn'   # regex on the whole dotted name, or a list of names / dotted suffixes
         length: 10
       - type: res_adapter
-        sites: "blocks\.\d+\.mlp"
+        sites: 'blocks\.\d+\.mlp'
         layers: [6, 7, 8, 9, 10, 11]
         dim: 32
         scale: scale_channel

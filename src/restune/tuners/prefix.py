@@ -88,7 +88,7 @@ class ResPrefix(AttentionBranchTuner):
 
 
 def frozen_projection(attention: nn.Module, index: int, tokens: torch.Tensor) -> torch.Tensor:
-    """Project tokens (tokens @ W^T + b) through the frozen q (0), k (1) or v (2) row block of the fused qkv, never a tuner's delta."""
+    """Project tokens through the frozen q (0), k (1) or v (2) row block of the fused qkv, never a tuner's delta."""
     qkv = attention.qkv
     width = qkv.out_features // 3
     rows = slice(index * width, (index + 1) * width)
