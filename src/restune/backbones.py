@@ -28,8 +28,8 @@ def create(name: str, *, pretrained_file: str | os.PathLike | None = None, **kwa
         **kwargs: passed to ``timm.create_model`` (``num_classes``, ``drop_path_rate``, ...).
 
     Returns:
-        The model. A head whose shape differs from the file's (another ``num_classes``) is left newly initialised,
-        as timm does.
+        The model. As in timm, the file's head is used only when ``num_classes`` equals the pretrained config's;
+        otherwise the head is newly initialised (the usual case when adapting to a new task).
     """
     kwargs.pop("pretrained", None)
     if pretrained_file is None:

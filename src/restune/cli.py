@@ -1,0 +1,85 @@
+"""The ``restune`` command: ``restune info`` and ``restune demo``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import timm
+import torch
+
+import restune
+from restune.report import report
+from restune.tuners.base import get_tuner, tuner_names
+
+__all__ = ["main"]
+
+
+def _meta_model(name: str, num_classes: int) -> torch.nn.Module:
+    with torch.device("meta"):
+        return timm.create_model(name, pretrained=False, num_classes=num_classes)
+
+
+def info(model_name: str, num_classes: int) -> str:
+    """Tuner types and presets with their trainable counts on a timm model built on the meta device."""
+    try:
+        base = _meta_model(model_name, num_classes)
+    except RuntimeError as err:
+        raise SystemExit(f"restune info: cannot build timm model {model_name!r}: {err}") from None
+    total = sum(p.numel() for p in base.parameters())
+    lines = [f"restune {restune.__version__} on {model_name} ({total:,} parameters, {num_classes} classes)", ""]
+    lines += ["| tuner type | binding | binds to |", "|---|---|---|"]
+    for name in tuner_names():
+        module_cls = get_tuner(name).module_cls
+        lines.append(f"| {name} | {module_cls.binding.value} | {', '.join(sorted(module_cls.site_kinds))} |")
+    lines += ["", "| preset | tuners | trainable without head | + VTAB-1k avg head | + FGVC avg head | % of backbone |"]
+    lines.append("|---|---|---:|---:|---:|---:|")
+    for preset in restune.presets():
+        model = restune.tune(_meta_model(model_name, num_classes), preset)
+        counts = report(model)
+        kinds = " + ".join(t.type for t in model.restune.sets["default"].spec.tuners)
+        share = 100.0 * counts.trainable_without_head / (counts.total - counts.trainable)
+        lines.append(
+            f"| {preset} | {kinds} | {counts.trainable_without_head:,} | {counts.with_vtab_head:,} | "
+            f"{counts.with_fgvc_head:,} | {share:.3f}% |"
+        )
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="restune", description="Res-Tuning and related tuners for timm ViTs")
+    parser.add_argument("--version", action="version", version=f"restune {restune.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p_info = commands.add_parser("info", help="list tuners and presets with their trainable counts")
+    p_info.add_argument("--model", default="vit_base_patch16_224", help="timm model name (built on the meta device)")
+    p_info.add_argument("--num-classes", type=int, default=100, help="classes of the concrete head")
+    p_demo = commands.add_parser("demo", help="placeholder main job: tune presets briefly on synthetic images")
+    p_demo.add_argument("--steps", type=int, default=30, help="optimizer steps per preset")
+    p_demo.add_argument("--batch-size", type=int, default=32)
+    p_demo.add_argument("--seed", type=int, default=0)
+    p_demo.add_argument("--presets", nargs="+", default=None, help="presets to run (default: all of this issue's)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``restune`` console script."""
+    args = _parser().parse_args(argv)
+    if args.command == "info":
+        print(info(args.model, args.num_classes))
+        return 0
+    from restune.demo import DEFAULT_PRESETS, format_results, run_demo
+
+    chosen = tuple(args.presets or DEFAULT_PRESETS)
+    unknown = [name for name in chosen if name not in restune.presets()]
+    if unknown:
+        raise SystemExit(f"restune demo: unknown preset(s) {unknown}; presets: {', '.join(restune.presets())}")
+    print("restune demo (placeholder): a small randomly initialised ViT tuned on synthetic images;")
+    print("it shows the mechanics, not transfer. The pretrained demo arrives with the shipped backbone.\n")
+    results = run_demo(chosen, steps=args.steps, batch=args.batch_size, seed=args.seed)
+    print(format_results(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
