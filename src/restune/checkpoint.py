@@ -20,8 +20,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from restune.spec import resolve_spec
-from restune.tune import backbone_parameters, classifier_path, get_store, set_active, tune
+from restune.binding import TunerSet
+from restune.spec import TuneSpec, resolve_spec
+from restune.tune import (
+    backbone_parameters,
+    build_tuners,
+    classifier_path,
+    get_store,
+    match_backbone,
+    set_active,
+    tune,
+)
 
 __all__ = ["save", "load", "architecture", "fingerprint", "CHECKPOINT_FORMAT_VERSION", "WEIGHTS_NAME", "CONFIG_NAME"]
 
@@ -78,6 +87,36 @@ def _set_tensors(model: nn.Module, set_name: str) -> dict[str, torch.Tensor]:
     for name in tuner_set.backbone_names:
         tensors[f"backbone.{name}"] = params[name] if active else tuner_set.backbone_values[name]
     return tensors
+
+
+def _planned_shapes(model: nn.Module, spec: TuneSpec) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the tensors a set built from ``spec`` would hold, computed without changing the model."""
+    plan = TunerSet(spec, spec.head == "train", match_backbone(model, spec.train))
+    for site, tuner_type, module in build_tuners(model, spec):
+        plan.add(site.name, tuner_type, module)
+    shapes = {f"tuners.{k}": tuple(p.shape) for k, p in plan.tuners.named_parameters()}
+    head_path = classifier_path(model)
+    if plan.trains_head and head_path is not None:
+        shapes.update({f"head.{k}": tuple(p.shape) for k, p in model.get_submodule(head_path).named_parameters()})
+    params = backbone_parameters(model)
+    shapes.update({f"backbone.{n}": tuple(params[n].shape) for n in plan.backbone_names})
+    return shapes
+
+
+def _check_tensors(directory: Path, expected: dict[str, tuple[int, ...]], found: dict[str, torch.Tensor]) -> None:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(found[k].shape)} vs model {expected[k]}"
+        for k in set(expected) & set(found)
+        if tuple(found[k].shape) != expected[k]
+    )
+    if missing or unexpected or shapes:
+        problems = [f"missing in checkpoint: {missing}"] * bool(missing)
+        problems += [f"unexpected in checkpoint: {unexpected}"] * bool(unexpected)
+        problems += [f"shape mismatch: {shapes}"] * bool(shapes)
+        hint = " (a head shape mismatch means another num_classes: create the model with the checkpoint's)"
+        raise ValueError(f"cannot load {directory}: " + "; ".join(problems) + (hint if shapes else ""))
 
 
 def _atomic_write(path: Path, write: Any) -> None:
@@ -182,9 +221,11 @@ def load(model: nn.Module, directory: str | os.PathLike, *, name: str | None = N
         )
     set_name = name or meta["set"]
     spec = resolve_spec(meta["spec"])
+    tensors = load_file(directory / WEIGHTS_NAME)
     store = get_store(model)
-    if store is None or set_name not in store.sets:
-        tune(model, spec, name=set_name)
+    attach = store is None or set_name not in store.sets
+    if attach:
+        _check_tensors(directory, _planned_shapes(model, spec), tensors)  # before the model changes at all
     else:
         have = [t.to_dict() for t in store.sets[set_name].spec.tuners]
         want = [t.to_dict() for t in spec.tuners]
@@ -193,7 +234,7 @@ def load(model: nn.Module, directory: str | os.PathLike, *, name: str | None = N
                 f"tuner set {set_name!r} of this model was built from other configs than {directory}:\n"
                 f"  model: {have}\n  checkpoint: {want}\nload into a model without that set, or pass name=..."
             )
-        set_active(model, set_name)
+        _check_tensors(directory, {k: tuple(v.shape) for k, v in _set_tensors(model, set_name).items()}, tensors)
     current = fingerprint(model)
     if meta["fingerprint"] not in (current, "meta") and current != "meta":
         message = (
@@ -203,22 +244,11 @@ def load(model: nn.Module, directory: str | os.PathLike, *, name: str | None = N
         if strict:
             raise ValueError(message)
         warnings.warn(message, stacklevel=2)
-    tensors = load_file(directory / WEIGHTS_NAME)
-    targets = _set_tensors(model, set_name)
-    missing = sorted(set(targets) - set(tensors))
-    unexpected = sorted(set(tensors) - set(targets))
-    shapes = sorted(
-        f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(targets[k].shape)}"
-        for k in set(targets) & set(tensors)
-        if tensors[k].shape != targets[k].shape
-    )
-    if missing or unexpected or shapes:
-        problems = [f"missing in checkpoint: {missing}"] * bool(missing)
-        problems += [f"unexpected in checkpoint: {unexpected}"] * bool(unexpected)
-        problems += [f"shape mismatch: {shapes}"] * bool(shapes)
-        hint = " (a head shape mismatch means another num_classes: create the model with the checkpoint's)"
-        raise ValueError(f"cannot load {directory}: " + "; ".join(problems) + (hint if shapes else ""))
+    if attach:
+        tune(model, spec, name=set_name)
+    else:
+        set_active(model, set_name)
     with torch.no_grad():
-        for key, target in targets.items():
+        for key, target in _set_tensors(model, set_name).items():
             target.copy_(tensors[key])
     return model

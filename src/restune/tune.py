@@ -20,7 +20,17 @@ from restune.sites import STORE_ATTR, Site, find_sites, match_sites
 from restune.spec import TuneSpec, resolve_spec
 from restune.tuners.base import Binding, Tuner, get_tuner
 
-__all__ = ["tune", "set_active", "disabled", "get_store", "tuner_sets", "classifier_path", "backbone_parameters"]
+__all__ = [
+    "tune",
+    "set_active",
+    "disabled",
+    "get_store",
+    "tuner_sets",
+    "classifier_path",
+    "backbone_parameters",
+    "build_tuners",
+    "match_backbone",
+]
 
 _SET_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
@@ -70,7 +80,8 @@ def backbone_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     }
 
 
-def _match_backbone(model: nn.Module, pattern: str | list[str] | None) -> list[str]:
+def match_backbone(model: nn.Module, pattern: str | list[str] | None) -> list[str]:
+    """Names of the backbone parameters a spec's ``train`` entry selects (same rules as site patterns)."""
     if not pattern:
         return []
     names = list(backbone_parameters(model))
@@ -83,7 +94,8 @@ def _match_backbone(model: nn.Module, pattern: str | list[str] | None) -> list[s
     return chosen
 
 
-def _build(model: nn.Module, spec: TuneSpec) -> list[tuple[Site, str, Tuner]]:
+def build_tuners(model: nn.Module, spec: TuneSpec) -> list[tuple[Site, str, Tuner]]:
+    """Create (not attach) every tuner a spec asks for, so every error is raised before the model changes."""
     sites = find_sites(model)
     if not sites:
         raise ValueError(
@@ -120,8 +132,8 @@ def tune(model: nn.Module, spec: Any, *, name: str = "default") -> nn.Module:
         raise ValueError(f"model already has a tuner set {name!r}; choose another name or call restune.set_active")
     if store is None and hasattr(model, STORE_ATTR):
         raise ValueError(f"model already has an attribute {STORE_ATTR!r} that is not restune's; cannot attach tuners")
-    built = _build(model, spec)
-    owned = _match_backbone(model, spec.train)
+    built = build_tuners(model, spec)
+    owned = match_backbone(model, spec.train)
     head_path = classifier_path(model)
     if store is None:
         for param in model.parameters():
@@ -211,7 +223,10 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     Tuners are switched off, the original head is swapped in and every backbone tensor a set trains gets its
     original values back; everything is restored on exit, even after an exception.
     """
-    store = _require_store(model)
+    store = get_store(model)
+    if store is None:  # never tuned: it already computes what it computed before
+        yield model
+        return
     head_path = classifier_path(model)
     current_head = model.get_submodule(head_path) if head_path is not None else None
     params = dict(model.named_parameters())
