@@ -8,13 +8,15 @@ Google ``.npz`` through timm's own npz loader (``model.load_pretrained``).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import timm
+import torch
 from torch import nn
 
-__all__ = ["create"]
+__all__ = ["create", "feature_keys", "block_features"]
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
 
@@ -47,3 +49,48 @@ def create(name: str, *, pretrained_file: str | os.PathLike | None = None, **kwa
         return model
     overlay = dict(file=str(path))
     return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+
+
+def feature_keys(model: nn.Module, blocks: Sequence[int] | None = None) -> list[int]:
+    """Feature indices in the spec's numbering: 0 is the input of ``blocks.0``, l is the output of ``blocks.(l-1)``."""
+    depth = len(model.blocks)
+    chosen = range(depth) if blocks is None else blocks
+    bad = [i for i in chosen if not 0 <= i < depth]
+    if bad:
+        raise ValueError(f"blocks {bad} do not exist; this backbone has blocks 0..{depth - 1}")
+    return [0] + sorted({i + 1 for i in chosen})
+
+
+def block_features(
+    model: nn.Module,
+    images: torch.Tensor,
+    keys: Sequence[int],
+    *,
+    class_token_only: bool = False,
+    chunk_size: int | None = None,
+) -> dict[int, torch.Tensor]:
+    """Run a frozen timm ViT once, without autograd, and keep the features the bypass reads.
+
+    Returns ``{0: x_0, l: x_l}`` for the requested keys (``feature_keys``). x_0 is the input of ``blocks.0``
+    (after the patch embedding, class token, position embedding, ``patch_drop`` and ``norm_pre``), x_l the output of
+    ``blocks.(l-1)``, all tokens, as timm's ``forward_intermediates`` does not give them (it drops prefix tokens and
+    has no x_0). With ``class_token_only`` each feature keeps only token 0 (a copy, so the full activations are freed
+    block by block). ``chunk_size`` streams the batch through the backbone in pieces: with no graph to keep, peak
+    memory is then one chunk's activations.
+    """
+    wanted = set(keys)
+    last = max(wanted)
+    pieces: dict[int, list[torch.Tensor]] = {k: [] for k in sorted(wanted)}
+
+    def keep(key: int, x: torch.Tensor) -> None:
+        if key in wanted:
+            pieces[key].append(x[:, :1].clone() if class_token_only else x)
+
+    with torch.no_grad():
+        for chunk in images.split(chunk_size or len(images)):
+            x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(chunk))))
+            keep(0, x)
+            for index, block in enumerate(model.blocks[:last]):
+                x = block(x)
+                keep(index + 1, x)
+    return {k: v[0] if len(v) == 1 else torch.cat(v) for k, v in pieces.items()}

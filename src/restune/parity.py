@@ -171,11 +171,35 @@ def _check_lora_peft(meta: dict[str, Any], t: dict[str, torch.Tensor]) -> dict[s
     return cmp.result()
 
 
+def _check_bypass(meta: dict[str, Any], t: dict[str, torch.Tensor]) -> dict[str, Any]:
+    from restune.bypass import Bypass, BypassConfig
+
+    cfg = meta["config"]
+    backbone = build_fixture_vit(meta, t)
+    config = BypassConfig(bottleneck=cfg["adapter_length"], zero_init_last=bool(cfg.get("zero_init_last", False)))
+    model = Bypass(backbone.requires_grad_(True), config, num_classes=meta["config"]["vit"]["num_classes"])
+    _copy_named(model, t, "tuner.")
+    model.eval()
+    images = t["inputs.images"].clone().requires_grad_(True)
+    logits = model(images)
+    (logits * t["inputs.cotangent"]).sum().backward()
+    cmp = Comparison(meta["tolerance"])
+    cmp.add("outputs.logits", logits, t["outputs.logits"], "outputs")
+    params = dict(model.named_parameters())
+    for name in meta["grads"]:
+        cmp.add(name, params[name[len("grads.tuner.") :]].grad, t[name], "grads")
+    leaked = [n for n, p in backbone.named_parameters() if p.grad is not None] + ["images"] * (images.grad is not None)
+    if leaked:
+        cmp.failures.append(f"gradient reached the backbone or the images: {leaked[:5]}")
+    return cmp.result()
+
+
 _CHECKS: dict[str, Callable[[dict[str, Any], dict[str, torch.Tensor]], dict[str, Any]]] = {
     "restuning_res_adapter": _check_res_adapter,
     "lora_vit_peft": _check_lora_peft,
+    "restuning_bypass_vit": _check_bypass,
 }
-_LATER = ("rlrr_linear", "rlrr_vit", "arc_vit", "snell_linear_sparse", "snell_linear_klora", "restuning_bypass_vit")
+_LATER = ("rlrr_linear", "rlrr_vit", "arc_vit", "snell_linear_sparse", "snell_linear_klora")
 
 
 def supported_fixtures() -> list[str]:

@@ -65,6 +65,7 @@ class ResAttn(Tuner):
 
     binding = Binding.PARALLEL
     site_kinds = frozenset({ATTN, MLP, BLOCK})
+    mixes_tokens = True
 
     def __init__(self, config: ResAttnConfig, site: Site) -> None:
         super().__init__(config, site)

@@ -106,6 +106,7 @@ class Tuner(nn.Module):
 
     binding: ClassVar[Binding]
     site_kinds: ClassVar[frozenset[str]]
+    mixes_tokens: ClassVar[bool] = False  # True when one token's output depends on other tokens (attention)
 
     def __init__(self, config: TunerConfig, site: Site) -> None:
         super().__init__()

@@ -31,6 +31,7 @@ class AttentionBranchTuner(Tuner):
 
     binding = Binding.ATTENTION_BRANCH
     site_kinds = frozenset({ATTN})
+    mixes_tokens = True
     scale: Scale
 
     def keys_values(self, attention: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
