@@ -4,6 +4,7 @@ Public functions only; everything else is reachable through its module (``restun
 """
 
 from restune import backbones, parity, tuners
+from restune.bypass import Bypass, BypassConfig, MultiTask
 from restune.checkpoint import load, save
 from restune.presets import presets
 from restune.report import Report, report
@@ -14,6 +15,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "tune",
+    "Bypass",
+    "BypassConfig",
+    "MultiTask",
     "presets",
     "report",
     "Report",

@@ -25,7 +25,7 @@ from restune.tuners.adapter import SwiftResAdapter
 from restune.tuners.base import config_from_dict, get_tuner
 from restune.tuners.scale import check_scale
 
-__all__ = ["BypassConfig", "Bypass", "BypassStep", "bypass_presets", "resolve_bypass_config"]
+__all__ = ["BypassConfig", "Bypass", "BypassStep", "MultiTask", "bypass_presets", "resolve_bypass_config"]
 
 SWIFT_ADAPTER = "res_adapter"
 ZERO = "zero"
@@ -309,3 +309,63 @@ class Bypass(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The bypass and head parameters (the backbone is never trained)."""
         return [p for name, p in self.named_parameters() if not name.startswith("backbone.")]
+
+
+class MultiTask(nn.Module):
+    """One frozen backbone pass feeding the Bypasses of several tasks (specs/res-tuning.md §8).
+
+    ``forward(images)`` returns ``{task: logits}``, equal to running each Bypass alone; the backbone's features are
+    computed once, with all tokens only if some task needs them. It runs under ``torch.inference_mode()``: train each
+    task's Bypass on its own.
+
+    Args:
+        backbone: the frozen backbone every task's Bypass was built on (the same object).
+        tasks: task name -> Bypass.
+    """
+
+    def __init__(self, backbone: nn.Module, tasks: dict[str, Bypass] | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone.requires_grad_(False).eval()
+        self.tasks = nn.ModuleDict()
+        for name, task in (tasks or {}).items():
+            self.add(name, task)
+        self.register_state_dict_post_hook(_drop_backbone_keys)
+        self.register_load_state_dict_post_hook(_ignore_missing_backbone)
+
+    def add(self, name: str, task: Bypass) -> None:
+        """Add a task; its Bypass must hold this very backbone (so one pass serves it)."""
+        if not isinstance(task, Bypass):
+            raise TypeError(f"task {name!r} must be a restune.Bypass, got {type(task).__name__}")
+        if task.backbone is not self.backbone:
+            raise ValueError(
+                f"task {name!r} was built on another backbone object; build it with Bypass(backbone, ...)"
+                " on the backbone given to MultiTask"
+            )
+        if name in self.tasks:
+            raise ValueError(f"task {name!r} exists already; remove it first")
+        self.tasks[name] = task
+
+    def remove(self, name: str) -> Bypass:
+        """Remove a task and return its Bypass."""
+        if name not in self.tasks:
+            raise KeyError(f"no task {name!r}; tasks: {', '.join(self.tasks) or 'none'}")
+        task = self.tasks[name]
+        del self.tasks[name]
+        return task
+
+    def train(self, mode: bool = True) -> MultiTask:
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not self.tasks:
+            raise ValueError("MultiTask has no tasks; add one with .add(name, bypass)")
+        tasks = list(self.tasks.items())
+        keys = sorted({key for _, task in tasks for key in task.keys})
+        class_token_only = all(task.prunes_tokens for _, task in tasks)
+        chunk = min((t.config.chunk_size for _, t in tasks if t.config.chunk_size), default=None)
+        with torch.inference_mode():
+            self.backbone.eval()
+            features = block_features(self.backbone, images, keys, class_token_only=class_token_only, chunk_size=chunk)
+            return {name: task.logits_from_features(features) for name, task in tasks}

@@ -119,6 +119,78 @@ def _check_tensors(directory: Path, expected: dict[str, tuple[int, ...]], found:
         raise ValueError(f"cannot load {directory}: " + "; ".join(problems) + (hint if shapes else ""))
 
 
+def _check_architecture(directory: Path, meta: dict[str, Any], model: nn.Module) -> None:
+    saved, arch = meta["architecture"], architecture(model)
+    if any(saved.get(k) != arch.get(k) for k in ("class", "embed_dim", "depth", "num_heads", "backbone_shapes")):
+        raise ValueError(
+            f"checkpoint {directory} was made for {_describe(saved)}, but this model is {_describe(arch)}; "
+            "create the model the checkpoint was made for"
+        )
+
+
+def _check_fingerprint(directory: Path, meta: dict[str, Any], model: nn.Module, strict: bool) -> None:
+    current = fingerprint(model)
+    if meta["fingerprint"] in (current, "meta") or current == "meta":
+        return
+    message = (
+        f"the frozen weights of this model differ from those {directory} was trained on (fingerprint "
+        f"{current[:12]} vs {meta['fingerprint'][:12]}); outputs will differ from the saved model's"
+    )
+    if strict:
+        raise ValueError(message)
+    warnings.warn(message, stacklevel=3)
+
+
+def _write_checkpoint(directory: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    weights = directory / WEIGHTS_NAME
+    _atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    meta = {
+        **meta,
+        "weights_sha256": _sha256(weights),
+        "tensors": {k: list(v.shape) for k, v in tensors.items()},
+    }
+    text = json.dumps(meta, indent=2) + "\n"
+    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    return directory
+
+
+def _save_bypass(bypass: Any, directory: Path) -> Path:
+    meta = {
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "kind": "bypass",
+        "config": bypass.config.to_dict(),
+        "num_classes": bypass.num_classes,
+        "architecture": architecture(bypass.backbone),
+        "fingerprint": fingerprint(bypass.backbone),
+    }
+    return _write_checkpoint(directory, bypass.state_dict(), meta)
+
+
+def _load_bypass(model: nn.Module, directory: Path, meta: dict[str, Any], strict: bool) -> nn.Module:
+    from restune.bypass import Bypass, resolve_bypass_config
+
+    config = resolve_bypass_config(meta["config"])
+    if isinstance(model, Bypass):
+        same = {**model.config.to_dict(), "preset": None} == {**config.to_dict(), "preset": None}
+        if not same or model.num_classes != meta["num_classes"]:
+            raise ValueError(
+                f"this Bypass was built with another config or head than {directory}; build it with "
+                f"Bypass(backbone, {meta['config']}, num_classes={meta['num_classes']}) or pass the plain backbone"
+            )
+        backbone = model.backbone
+    else:
+        backbone = model
+    _check_architecture(directory, meta, backbone)
+    target = model if isinstance(model, Bypass) else Bypass(backbone, config, num_classes=meta["num_classes"])
+    tensors = load_file(directory / WEIGHTS_NAME)
+    _check_tensors(directory, {k: tuple(v.shape) for k, v in target.state_dict().items()}, tensors)
+    _check_fingerprint(directory, meta, backbone, strict)
+    target.load_state_dict(tensors, strict=True)
+    return target
+
+
 def _atomic_write(path: Path, write: Any) -> None:
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
@@ -151,30 +223,25 @@ def save(model: nn.Module, directory: str | os.PathLike, *, name: str | None = N
     Returns:
         The directory.
     """
+    from restune.bypass import Bypass
+
+    if isinstance(model, Bypass):
+        return _save_bypass(model, Path(directory))
     store = get_store(model)
     if store is None:
         raise ValueError("this model has no restune tuners to save; call restune.tune(model, spec) first")
     set_name = name or store.active
     if set_name not in store.sets:
         raise ValueError(f"no tuner set {set_name!r}; this model has {', '.join(store.sets)}")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in _set_tensors(model, set_name).items()}
-    weights = directory / WEIGHTS_NAME
-    _atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", "restune_set": set_name}))
-    tuner_set = store.sets[set_name]
     meta = {
         "format_version": CHECKPOINT_FORMAT_VERSION,
+        "kind": "tuners",
         "set": set_name,
-        "spec": tuner_set.spec.to_dict(),
+        "spec": store.sets[set_name].spec.to_dict(),
         "architecture": architecture(model),
         "fingerprint": fingerprint(model),
-        "weights_sha256": _sha256(weights),
-        "tensors": {k: list(v.shape) for k, v in tensors.items()},
     }
-    text = json.dumps(meta, indent=2) + "\n"
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
-    return directory
+    return _write_checkpoint(Path(directory), _set_tensors(model, set_name), meta)
 
 
 def _read_meta(directory: Path) -> dict[str, Any]:
@@ -194,7 +261,7 @@ def _read_meta(directory: Path) -> dict[str, Any]:
 
 
 def load(model: nn.Module, directory: str | os.PathLike, *, name: str | None = None, strict: bool = False) -> nn.Module:
-    """Load a tuner set saved by ``restune.save`` and make it active.
+    """Load a tuner set saved by ``restune.save`` and make it active (or a saved Bypass).
 
     If the model has no set of that name, the tuners are attached from the JSON first; otherwise the existing set
     must have been built from the same configs. Missing, unexpected or mis-shaped tensors always raise an error
@@ -207,18 +274,22 @@ def load(model: nn.Module, directory: str | os.PathLike, *, name: str | None = N
         name: the set name to load into (default: the saved set's name).
         strict: raise instead of warning when the frozen weights differ from the ones the set was trained on.
 
+    A Bypass checkpoint loads into a Bypass built with the same config, or onto a plain backbone, in which case a new
+    Bypass is built on it and returned.
+
     Returns:
-        The model.
+        The model (for a Bypass checkpoint on a plain backbone: the new Bypass).
     """
+    from restune.bypass import Bypass
+
     directory = Path(directory)
     meta = _read_meta(directory)
-    saved_arch, arch = meta["architecture"], architecture(model)
-    keys = ("class", "embed_dim", "depth", "num_heads", "backbone_shapes")
-    if any(saved_arch.get(k) != arch.get(k) for k in keys):
-        raise ValueError(
-            f"checkpoint {directory} was made for {_describe(saved_arch)}, but this model is {_describe(arch)}; "
-            "create the model the checkpoint was made for"
-        )
+    kind = meta.get("kind", "tuners")
+    if kind == "bypass":
+        return _load_bypass(model, directory, meta, strict)
+    if isinstance(model, Bypass):
+        raise ValueError(f"{directory} holds tuners for a timm model, not a Bypass; load it into the timm model")
+    _check_architecture(directory, meta, model)
     set_name = name or meta["set"]
     spec = resolve_spec(meta["spec"])
     tensors = load_file(directory / WEIGHTS_NAME)
@@ -235,15 +306,7 @@ def load(model: nn.Module, directory: str | os.PathLike, *, name: str | None = N
                 f"  model: {have}\n  checkpoint: {want}\nload into a model without that set, or pass name=..."
             )
         _check_tensors(directory, {k: tuple(v.shape) for k, v in _set_tensors(model, set_name).items()}, tensors)
-    current = fingerprint(model)
-    if meta["fingerprint"] not in (current, "meta") and current != "meta":
-        message = (
-            f"the frozen weights of this model differ from those {directory} was trained on (fingerprint "
-            f"{current[:12]} vs {meta['fingerprint'][:12]}); outputs will differ from the saved model's"
-        )
-        if strict:
-            raise ValueError(message)
-        warnings.warn(message, stacklevel=2)
+    _check_fingerprint(directory, meta, model, strict)
     if attach:
         tune(model, spec, name=set_name)
     else:
