@@ -3,7 +3,7 @@
 Public functions only; everything else is reachable through its module (``restune.sites``, ``restune.tuners``...).
 """
 
-from restune import backbones, parity, tuners
+from restune import backbones, features, parity, tuners
 from restune.bypass import Bypass, BypassConfig, MultiTask
 from restune.checkpoint import load, save
 from restune.presets import presets
@@ -27,6 +27,7 @@ __all__ = [
     "save",
     "load",
     "parity",
+    "features",
     "backbones",
     "tuners",
     "__version__",
