@@ -197,7 +197,7 @@ def set_active(model: nn.Module, name: str) -> None:
             incoming = new.head
             del new.head
             if old is not None:
-                old.add_module("head", current)
+                old.add_module("head", current.requires_grad_(False))
             _set_module(model, head_path, incoming)
         params = dict(model.named_parameters())
         for param_name, original in store.original_backbone.items():

@@ -157,7 +157,7 @@ def get_tuner(name: str) -> TunerType:
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise KeyError(f"unknown tuner type {name!r}.{hint} Known tuner types: {', '.join(tuner_names())}")
+        raise ValueError(f"unknown tuner type {name!r}.{hint} Known tuner types: {', '.join(tuner_names())}")
     return _REGISTRY[name]
 
 

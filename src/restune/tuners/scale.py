@@ -5,6 +5,8 @@ The option names follow swift's ``adapter_weight`` values so configs read the sa
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -17,9 +19,10 @@ def _fixed_value(kind: str) -> float | None:
     if not kind.startswith("scalar_"):
         return None
     try:
-        return float(kind[len("scalar_") :])
+        value = float(kind[len("scalar_") :])
     except ValueError:
         return None
+    return value if math.isfinite(value) else None
 
 
 def check_scale(owner: str, kind: str, init: float | None = None) -> None:

@@ -1,0 +1,516 @@
+"""Tuner config validation, serialisation, presets and YAML specs (restune.tuners, restune.spec)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import restune
+from restune.spec import SPEC_FORMAT_VERSION, TuneSpec, resolve_spec
+from restune.tune import get_store
+from restune.tuners import (
+    LoraConfig,
+    ResAdapterConfig,
+    ResAttnConfig,
+    ResLoraConfig,
+    ResPrefixConfig,
+    ResPromptConfig,
+    TunerConfig,
+    config_from_dict,
+    tuner_names,
+)
+
+CONFIG_CLASSES: list[type[TunerConfig]] = [
+    LoraConfig,
+    ResLoraConfig,
+    ResAdapterConfig,
+    ResPrefixConfig,
+    ResPromptConfig,
+    ResAttnConfig,
+]
+SCALED_CLASSES: list[type[TunerConfig]] = [
+    ResLoraConfig,
+    ResAdapterConfig,
+    ResPrefixConfig,
+    ResPromptConfig,
+    ResAttnConfig,
+]
+SIZE_FIELDS: dict[type[TunerConfig], str] = {
+    LoraConfig: "r",
+    ResLoraConfig: "r",
+    ResAdapterConfig: "dim",
+    ResPrefixConfig: "length",
+    ResPromptConfig: "length",
+    ResAttnConfig: "r",
+}
+SCALE_OPTIONS = ("scale", "scale_channel", "gate", "scalar_<v>", "none")
+
+
+def meta_vit(num_classes: int = 100) -> nn.Module:
+    """A timm ViT-B/16 built on the meta device."""
+    with torch.device("meta"):
+        return timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=num_classes)
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def json_round_trip(data: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(data))
+
+
+def tuner_keys(model: nn.Module, set_name: str = "default") -> list[str]:
+    store = get_store(model)
+    assert store is not None
+    return [key for key, _ in store.sets[set_name].named_tuners()]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config_cls", CONFIG_CLASSES)
+def test_defaults_validate(config_cls: type[TunerConfig]) -> None:
+    config = config_cls()
+    assert config.type in tuner_names()
+    assert config.layers is None
+
+
+BAD_FIELDS: list[tuple[type[TunerConfig], dict[str, Any], str]] = [
+    (LoraConfig, {"r": 0}, "r"),
+    (LoraConfig, {"r": -4}, "r"),
+    (LoraConfig, {"r": 2.0}, "r"),
+    (LoraConfig, {"r": True}, "r"),
+    (LoraConfig, {"alpha": 0}, "alpha"),
+    (LoraConfig, {"dropout": 1.0}, "dropout"),
+    (ResLoraConfig, {"r": 0}, "r"),
+    (ResLoraConfig, {"dropout": -0.1}, "dropout"),
+    (ResAdapterConfig, {"dim": 0}, "dim"),
+    (ResAdapterConfig, {"dim": 2.5}, "dim"),
+    (ResAdapterConfig, {"dim": "10"}, "dim"),
+    (ResPrefixConfig, {"length": 0}, "length"),
+    (ResPrefixConfig, {"length": -1}, "length"),
+    (ResPromptConfig, {"length": 0}, "length"),
+    (ResPromptConfig, {"length": 1.5}, "length"),
+    (ResAttnConfig, {"r": 0}, "r"),
+    (ResAttnConfig, {"heads": 0}, "heads"),
+    (ResAttnConfig, {"prefix_length": -1}, "prefix_length"),
+    (ResAttnConfig, {"attn_dropout": 1.0}, "attn_dropout"),
+    (ResAdapterConfig, {"sites": ""}, "sites"),
+    (ResAdapterConfig, {"sites": []}, "sites"),
+    (ResAdapterConfig, {"sites": [1]}, "sites"),
+    (LoraConfig, {"layers": [-1]}, "layers"),
+    (LoraConfig, {"layers": [True]}, "layers"),
+]
+
+
+@pytest.mark.parametrize(("config_cls", "changes", "field"), BAD_FIELDS)
+def test_bad_values_raise_naming_the_field(config_cls: type[TunerConfig], changes: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValueError, match=f"'{field}'"):
+        config_cls(**changes)
+
+
+@pytest.mark.parametrize("config_cls", CONFIG_CLASSES)
+def test_replace_validates(config_cls: type[TunerConfig]) -> None:
+    size_field = SIZE_FIELDS[config_cls]
+    with pytest.raises(ValueError, match=size_field):
+        config_cls().replace(**{size_field: 0})
+    assert getattr(config_cls().replace(**{size_field: 4}), size_field) == 4
+
+
+@pytest.mark.parametrize("config_cls", SCALED_CLASSES)
+@pytest.mark.parametrize("scale", ["scalar", "scalar_x", "channel", "Scale", ""])
+def test_unknown_scale_lists_the_options(config_cls: type[TunerConfig], scale: str) -> None:
+    with pytest.raises(ValueError, match="unknown scale") as info:
+        config_cls(scale=scale)
+    message = str(info.value)
+    assert config_cls.type in message
+    for option in SCALE_OPTIONS:
+        assert option in message
+
+
+@pytest.mark.parametrize("config_cls", SCALED_CLASSES)
+@pytest.mark.parametrize("scale", ["scale", "scale_channel", "none", "scalar_0.1", "scalar_2"])
+def test_known_scales_validate(config_cls: type[TunerConfig], scale: str) -> None:
+    assert config_cls(scale=scale).scale == scale
+
+
+@pytest.mark.parametrize("config_cls", SCALED_CLASSES)
+def test_scale_init_only_with_a_learnable_scale(config_cls: type[TunerConfig]) -> None:
+    assert config_cls(scale="scale_channel", scale_init=0.5).scale_init == 0.5
+    with pytest.raises(ValueError, match="scale_init"):
+        config_cls(scale="none", scale_init=0.5)
+
+
+def test_res_lora_refuses_gate() -> None:
+    with pytest.raises(ValueError, match="gate"):
+        ResLoraConfig(scale="gate")
+
+
+@pytest.mark.parametrize(("r", "heads"), [(10, 4), (16, 3), (6, 4)])
+def test_res_attn_r_must_be_divisible_by_heads(r: int, heads: int) -> None:
+    with pytest.raises(ValueError, match=rf"r \({r}\) must be divisible by heads \({heads}\)"):
+        ResAttnConfig(r=r, heads=heads)
+
+
+def test_res_attn_divisible_ok() -> None:
+    config = ResAttnConfig(r=12, heads=3)
+    assert (config.r, config.heads) == (12, 3)
+
+
+def test_sites_and_layers_are_normalised_to_lists() -> None:
+    config = ResPrefixConfig(sites=("blocks.0.attn", "blocks.1.attn"), layers=(0, 1))
+    assert config.sites == ["blocks.0.attn", "blocks.1.attn"]
+    assert config.layers == [0, 1]
+
+
+def test_list_default_sites_are_not_shared() -> None:
+    first, second = LoraConfig(), LoraConfig()
+    assert first.sites == ["attn.q", "attn.v"]
+    assert first.sites is not second.sites
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# to_dict / config_from_dict
+# --------------------------------------------------------------------------------------------------------------------
+
+NON_DEFAULT: list[TunerConfig] = [
+    LoraConfig(r=4, alpha=16.0, dropout=0.1, use_rslora=True, sites=["attn.qkv"], layers=[0, 11]),
+    ResLoraConfig(r=2, scale="scale_channel", scale_init=0.5, dropout=0.2),
+    ResAdapterConfig(dim=32, activation="quick_gelu", scale="gate", sites=r"blocks\.\d+\.attn", layers=[3]),
+    ResPrefixConfig(length=4, scale="scalar_0.1"),
+    ResPromptConfig(length=7, scale="scale", scale_init=1.0),
+    ResAttnConfig(r=8, heads=2, prefix_length=5, attn_dropout=0.1, scale="none"),
+]
+
+
+@pytest.mark.parametrize("config", [cls() for cls in CONFIG_CLASSES] + NON_DEFAULT, ids=lambda c: c.type)
+def test_to_dict_is_json_and_round_trips(config: TunerConfig) -> None:
+    data = config.to_dict()
+    assert data["type"] == config.type
+    assert data["format_version"] == 1
+    restored = config_from_dict(json_round_trip(data))
+    assert type(restored) is type(config)
+    assert restored == config
+    assert restored.to_dict() == data
+
+
+def test_config_from_dict_accepts_a_hand_written_entry() -> None:
+    config = config_from_dict({"type": "res_adapter", "dim": 32, "layers": [6, 7]})
+    assert config == ResAdapterConfig(dim=32, layers=[6, 7])
+
+
+def test_config_from_dict_unknown_key_lists_allowed() -> None:
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['dimm'\]") as info:
+        config_from_dict({"type": "res_adapter", "dimm": 3})
+    for name in ("activation", "dim", "layers", "scale", "scale_init", "sites"):
+        assert f"'{name}'" in str(info.value)
+
+
+def test_config_from_dict_unknown_type_lists_known_types() -> None:
+    with pytest.raises(ValueError) as info:
+        config_from_dict({"type": "res_adaptr", "dim": 3})
+    message = str(info.value)
+    assert "res_adaptr" in message
+    assert "Did you mean res_adapter" in message
+    for name in tuner_names():
+        assert name in message
+
+
+def test_config_from_dict_needs_a_type() -> None:
+    with pytest.raises(ValueError, match="needs a 'type'") as info:
+        config_from_dict({"dim": 3})
+    for name in tuner_names():
+        assert name in str(info.value)
+
+
+def test_config_from_dict_refuses_a_newer_format() -> None:
+    data = ResAdapterConfig().to_dict()
+    data["format_version"] = 99
+    with pytest.raises(ValueError, match="newer"):
+        config_from_dict(data)
+
+
+def test_config_from_dict_validates_values() -> None:
+    with pytest.raises(ValueError, match="'length'"):
+        config_from_dict({"type": "res_prefix", "length": 0})
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Presets and spec forms
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_presets_listed() -> None:
+    assert restune.presets() == [
+        "lora",
+        "res_adapter",
+        "res_prefix",
+        "res_prompt",
+        "res_lora",
+        "res_attn",
+        "res_tuning",
+    ]
+
+
+@pytest.mark.parametrize("preset", restune.presets())
+def test_preset_resolves_to_a_fresh_spec(preset: str) -> None:
+    first, second = resolve_spec(preset), resolve_spec(preset)
+    assert first.preset == preset
+    assert first.head == "train" and first.train is None
+    assert first == second
+    assert first is not second and first.tuners[0] is not second.tuners[0]
+
+
+@pytest.mark.parametrize("name", ["res_tunning", "nope", "LoRA"])
+def test_unknown_preset_lists_presets(name: str) -> None:
+    with pytest.raises(ValueError, match="unknown preset") as info:
+        resolve_spec(name)
+    for preset in restune.presets():
+        assert preset in str(info.value)
+
+
+def test_unknown_preset_suggests_the_closest() -> None:
+    with pytest.raises(ValueError, match="Did you mean res_tuning"):
+        restune.tune(meta_vit(), "res_tunning")
+
+
+def test_spec_forms_resolve_alike() -> None:
+    config = ResAdapterConfig(dim=4)
+    expected = TuneSpec([config])
+    assert resolve_spec(config) == expected
+    assert resolve_spec([config]) == expected
+    assert resolve_spec((config.to_dict(),)) == expected
+    assert resolve_spec(config.to_dict()) == expected
+    assert resolve_spec({"tuners": [config.to_dict()]}) == expected
+    assert resolve_spec(expected) is expected
+
+
+def test_tune_spec_validates_head() -> None:
+    with pytest.raises(ValueError, match="'head'"):
+        TuneSpec([LoraConfig()], head="frozen")
+    with pytest.raises(TypeError, match="tuner config"):
+        TuneSpec([{"type": "lora"}])  # type: ignore[list-item]
+
+
+def test_dict_spec_unknown_keys_list_allowed() -> None:
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['heads'\]; allowed: tuners, head, train, preset"):
+        resolve_spec({"tuners": [], "heads": "freeze"})
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['tuner'\] next to 'preset'; allowed: head, train"):
+        resolve_spec({"preset": "lora", "tuner": []})
+
+
+def test_dict_spec_needs_a_tuners_list() -> None:
+    with pytest.raises(ValueError, match="'tuners' must be a list"):
+        resolve_spec({"head": "train"})
+
+
+def test_unsupported_spec_type() -> None:
+    with pytest.raises(TypeError, match="cannot use int"):
+        resolve_spec(3)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# YAML files
+# --------------------------------------------------------------------------------------------------------------------
+
+TWO_TUNERS_YAML = """\
+tuners:
+  - type: res_prefix
+    sites: 'blocks\\.\\d+\\.attn'
+    length: 5
+    layers: [0, 1, 2]
+  - type: res_adapter
+    sites: 'blocks\\.\\d+\\.mlp'
+    layers: [6, 7, 8, 9, 10, 11]
+    dim: 32
+    scale: scale_channel
+head: freeze
+"""
+
+
+def test_yaml_text_holds_single_backslashes() -> None:
+    assert r"'blocks\.\d+\.attn'" in TWO_TUNERS_YAML
+
+
+def test_yaml_spec_resolves(tmp_path: Path) -> None:
+    spec = resolve_spec(write(tmp_path / "spec.yaml", TWO_TUNERS_YAML))
+    assert spec == TuneSpec(
+        [
+            ResPrefixConfig(sites=r"blocks\.\d+\.attn", length=5, layers=[0, 1, 2]),
+            ResAdapterConfig(sites=r"blocks\.\d+\.mlp", layers=[6, 7, 8, 9, 10, 11], dim=32, scale="scale_channel"),
+        ],
+        head="freeze",
+    )
+
+
+def test_yaml_spec_attaches_what_it_says(tmp_path: Path) -> None:
+    path = write(tmp_path / "spec.yaml", TWO_TUNERS_YAML)
+    model = restune.tune(meta_vit(), str(path))
+    prefix = 3 * (2 * 5 * 768 + 1)
+    adapter = 6 * (768 * 32 + 32 + 32 * 768 + 768 + 768)  # scale_channel: D per site
+    report = restune.report(model)
+    assert report.tuners == [("default", "res_prefix", 3, prefix), ("default", "res_adapter", 6, adapter)]
+    assert report.head == 0
+    assert report.trainable == report.trainable_without_head == prefix + adapter == 327_363
+    assert tuner_keys(model) == [f"blocks.{i}.attn.res_prefix" for i in range(3)] + [
+        f"blocks.{i}.mlp.res_adapter" for i in range(6, 12)
+    ]
+    assert [p.requires_grad for p in model.head.parameters()] == [False, False]
+    backbone = [p for n, p in model.named_parameters() if not n.startswith(("restune.", "head."))]
+    assert not any(p.requires_grad for p in backbone)
+    store = get_store(model)
+    assert store is not None
+    assert all(p.requires_grad for p in store.sets["default"].tuners.parameters())
+
+
+def test_yaml_path_object_and_yml_suffix(tmp_path: Path) -> None:
+    path = write(tmp_path / "spec.yml", TWO_TUNERS_YAML)
+    assert resolve_spec(path) == resolve_spec(str(path))
+
+
+def test_yaml_preset(tmp_path: Path) -> None:
+    path = write(tmp_path / "preset.yaml", "preset: res_tuning\n")
+    spec = resolve_spec(path)
+    assert spec == resolve_spec("res_tuning")
+    report = restune.report(restune.tune(meta_vit(), str(path)))
+    assert report.trainable_without_head == 378_000
+    assert report.head == 76_900
+
+
+def test_yaml_preset_with_frozen_head(tmp_path: Path) -> None:
+    path = write(tmp_path / "preset.yaml", "preset: res_prompt\nhead: freeze\n")
+    spec = resolve_spec(path)
+    assert spec.preset == "res_prompt" and spec.head == "freeze"
+    report = restune.report(restune.tune(meta_vit(), path))
+    assert report.trainable == 92_172 and report.head == 0
+
+
+def test_yaml_unknown_preset(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown preset 'res_tunin'"):
+        resolve_spec(write(tmp_path / "preset.yaml", "preset: res_tunin\n"))
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["tuners: [\n  - type: lora\n", "tuners:\n  - type: lora\n   sites: x\n", "head: 'train\n", "a: b: c\n"],
+)
+def test_invalid_yaml_raises_value_error(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path / "bad.yaml", text)
+    with pytest.raises(ValueError, match="not valid YAML") as info:
+        resolve_spec(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["- type: lora\n", "just text\n", ""])
+def test_yaml_that_is_not_a_mapping(tmp_path: Path, text: str) -> None:
+    with pytest.raises(ValueError, match="must hold a mapping"):
+        resolve_spec(write(tmp_path / "list.yaml", text))
+
+
+def test_yaml_unknown_keys(tmp_path: Path) -> None:
+    text = "tuners:\n  - type: res_adapter\n    dimm: 4\n"
+    with pytest.raises(ValueError, match="dimm"):
+        resolve_spec(write(tmp_path / "spec.yaml", text))
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['extra'\]"):
+        resolve_spec(write(tmp_path / "spec2.yaml", "tuners: []\nextra: 1\n"))
+
+
+def test_yaml_unknown_tuner_type(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="res_adaptr"):
+        resolve_spec(write(tmp_path / "spec.yaml", "tuners:\n  - type: res_adaptr\n"))
+
+
+def test_missing_yaml_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_spec(tmp_path / "missing.yaml")
+
+
+def test_yaml_bad_value_names_the_field(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="'dim'"):
+        resolve_spec(write(tmp_path / "spec.yaml", "tuners:\n  - type: res_adapter\n    dim: 0\n"))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# tune(): set names
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_tune_with_an_existing_name_raises() -> None:
+    model = restune.tune(meta_vit(), "res_adapter")
+    before = restune.report(model)
+    with pytest.raises(ValueError, match="already has a tuner set 'default'"):
+        restune.tune(model, "lora")
+    restune.tune(model, "lora", name="other")
+    with pytest.raises(ValueError, match="already has a tuner set 'other'"):
+        restune.tune(model, "res_prefix", name="other")
+    store = get_store(model)
+    assert store is not None
+    assert list(store.sets) == ["default", "other"]
+    assert tuner_keys(model, "default") == [f"blocks.{i}.mlp.res_adapter" for i in range(12)]
+    assert before.sets == {"default": 193_668}
+    assert restune.report(model).sets == {"default": 193_668, "other": 294_912}
+
+
+@pytest.mark.parametrize("name", ["", "1set", "a b", "a.b", 3])
+def test_tune_rejects_bad_set_names(name: Any) -> None:
+    model = meta_vit()
+    with pytest.raises(ValueError, match="must be an identifier"):
+        restune.tune(model, "lora", name=name)
+    assert not hasattr(model, "restune")
+
+
+def test_tune_refuses_a_foreign_restune_attribute() -> None:
+    model = meta_vit()
+    model.restune = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="not restune's"):
+        restune.tune(model, "lora")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# TuneSpec.to_dict
+# --------------------------------------------------------------------------------------------------------------------
+
+CUSTOM_SPECS: list[TuneSpec] = [
+    TuneSpec([ResPrefixConfig(layers=[0, 1]), ResAdapterConfig(scale="scale_channel")], head="freeze"),
+    TuneSpec([LoraConfig(sites=["attn.qkv"])], train=["cls_token", "pos_embed"]),
+    TuneSpec([ResAttnConfig(r=8, heads=2)], train=r"blocks\.0\.norm1\..*", preset="custom"),
+    TuneSpec([], head="train"),
+]
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [resolve_spec(name) for name in restune.presets()] + CUSTOM_SPECS,
+    ids=[*restune.presets(), "two_tuners_frozen_head", "train_list", "train_regex", "head_only"],
+)
+def test_tune_spec_to_dict_round_trips(spec: TuneSpec) -> None:
+    data = spec.to_dict()
+    assert data["format_version"] == SPEC_FORMAT_VERSION
+    assert set(data) == {"format_version", "preset", "head", "train", "tuners"}
+    restored = resolve_spec(json_round_trip(data))
+    assert restored == spec
+    assert restored.to_dict() == data
+
+
+def test_tune_spec_to_dict_content() -> None:
+    data = resolve_spec("res_tuning").to_dict()
+    assert data["preset"] == "res_tuning"
+    assert [entry["type"] for entry in data["tuners"]] == ["res_prefix", "res_adapter"]
+    assert data["head"] == "train" and data["train"] is None
+
+
+def test_round_tripped_spec_tunes_alike(tmp_path: Path) -> None:
+    spec = resolve_spec(write(tmp_path / "spec.yaml", TWO_TUNERS_YAML))
+    direct = restune.report(restune.tune(meta_vit(), spec))
+    restored = restune.report(restune.tune(meta_vit(), resolve_spec(json_round_trip(spec.to_dict()))))
+    assert (restored.trainable, restored.head, restored.tuners) == (direct.trainable, direct.head, direct.tuners)
