@@ -1,10 +1,12 @@
-"""The ``restune`` command: ``restune info`` and ``restune demo``."""
+"""The ``restune`` command: ``restune info``, ``restune demo`` and ``restune bench``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import timm
 import torch
@@ -59,7 +61,48 @@ def _parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--batch-size", type=int, default=32)
     p_demo.add_argument("--seed", type=int, default=0)
     p_demo.add_argument("--presets", nargs="+", default=None, help="presets to run (default: all of this issue's)")
+    p_bench = commands.add_parser("bench", help="memory, speed and multi-task benchmarks against peers")
+    p_bench.add_argument("what", choices=["memory", "speed", "multitask", "all"])
+    p_bench.add_argument("--model", default="vit_base_patch16_224", help="timm model (randomly initialised)")
+    p_bench.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
+    p_bench.add_argument("--num-classes", type=int, default=100)
+    p_bench.add_argument("--batch-size", type=int, default=None, help="default 32 (memory, speed), 16 (multitask)")
+    p_bench.add_argument("--repeats", type=int, default=3, help="timings are the minimum over this many repeats")
+    p_bench.add_argument("--configs", nargs="+", default=None, help="configurations to compare (default: all)")
+    p_bench.add_argument("--tasks", type=int, nargs="+", default=[1, 5, 19], help="task counts for multitask")
+    p_bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p_bench.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     return parser
+
+
+def bench(args: argparse.Namespace) -> int:
+    """Run the requested benchmarks, print Markdown tables, optionally write JSON."""
+    from restune.bench.configs import CONFIGS
+    from restune.bench.run import BenchSettings, format_table, memory, multitask, speed
+
+    unknown = sorted(set(args.configs or []) - set(CONFIGS))
+    if unknown:
+        raise SystemExit(f"restune bench: unknown configuration(s) {unknown}; known: {', '.join(CONFIGS)}")
+    base = {"model": args.model, "num_classes": args.num_classes, "img_size": args.img_size, "repeats": args.repeats}
+    if args.device:
+        base["device"] = args.device
+    if args.configs:
+        base["configs"] = tuple(args.configs)
+    results = {}
+    for what in ("memory", "speed", "multitask") if args.what == "all" else (args.what,):
+        batch = args.batch_size or (16 if what == "multitask" else 32)
+        settings = BenchSettings(**base, batch_size=batch)
+        if what == "multitask":
+            rows = multitask(settings, tuple(args.tasks))
+        else:
+            rows = memory(settings) if what == "memory" else speed(settings)
+        results[what] = {"settings": {**settings.__dict__}, "rows": rows}
+        print(f"\n## {what} ({settings.model}, batch {batch}, {settings.device})\n")
+        print(format_table(what, rows))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -68,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "info":
         print(info(args.model, args.num_classes))
         return 0
+    if args.command == "bench":
+        return bench(args)
     from restune.demo import DEFAULT_PRESETS, format_results, run_demo
 
     chosen = tuple(args.presets or DEFAULT_PRESETS)

@@ -116,6 +116,11 @@ class CacheKey:
         return out
 
 
+def _write_array(tensor: torch.Tensor, path: Path) -> None:
+    """Raw bytes of a tensor, readable back with ``torch.from_file`` (works for bf16, which numpy lacks)."""
+    tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tofile(path)
+
+
 class FeatureCache:
     """Per-block features and labels of an ordered dataset, in memory or memory-mapped from disk."""
 
@@ -139,10 +144,9 @@ class FeatureCache:
         try:
             layout = {}
             for key, tensor in self.features.items():
-                tensor = tensor.contiguous().cpu()
-                tensor.view(torch.uint8).numpy().tofile(tmp / f"x{key}.bin")
+                _write_array(tensor, tmp / f"x{key}.bin")
                 layout[str(key)] = list(tensor.shape)
-            self.labels.to(torch.int64).numpy().tofile(tmp / "labels.bin")
+            _write_array(self.labels.to(torch.int64), tmp / "labels.bin")
             meta = {"format_version": CACHE_FORMAT_VERSION, "key": asdict(self.key), "layout": layout}
             (tmp / "cache.json").write_text(json.dumps(meta, indent=2) + "\n")
             if path.exists():

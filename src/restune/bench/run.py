@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from restune.bench.configs import CONFIGS, FLOORS, TRAINING, build, make_backbone
+from restune.bench.configs import CONFIGS, build, make_backbone
 
 __all__ = ["BenchSettings", "memory", "speed", "multitask", "format_table"]
 
@@ -125,9 +125,9 @@ def multitask(settings: BenchSettings, tasks: tuple[int, ...] = (1, 5, 19), prog
     results = []
     for count in tqdm(tasks, desc="multitask", disable=not progress):
         backbone = make_backbone(settings.model, settings.num_classes, settings.img_size, device).eval()
-        multi = restune.MultiTask(backbone, {
-            f"t{i}": restune.Bypass(backbone, num_classes=settings.num_classes) for i in range(count)
-        })
+        multi = restune.MultiTask(
+            backbone, {f"t{i}": restune.Bypass(backbone, num_classes=settings.num_classes) for i in range(count)}
+        )
         peft_model = make_backbone(settings.model, settings.num_classes, settings.img_size, device)
         config = LoraConfig(r=8, lora_alpha=8, target_modules=["qkv"], modules_to_save=["head"])
         peft_model = get_peft_model(peft_model, config, adapter_name="t0").eval()
@@ -151,8 +151,9 @@ def multitask(settings: BenchSettings, tasks: tuple[int, ...] = (1, 5, 19), prog
                 _sync(device)
                 best = min(best, time.perf_counter() - start)
             timings[label] = best
-        results.append({"tasks": count, **timings,
-                        "speedup": timings["peft set_adapter"] / timings["restune MultiTask"]})
+        results.append(
+            {"tasks": count, **timings, "speedup": timings["peft set_adapter"] / timings["restune MultiTask"]}
+        )
     return results
 
 
@@ -160,13 +161,23 @@ def format_table(kind: str, rows: list[dict[str, Any]]) -> str:
     """A Markdown table with ratios against full fine-tuning, peft LoRA and the floors, where measured."""
     if kind == "multitask":
         lines = ["| tasks | restune MultiTask (s) | peft set_adapter (s) | speed-up |", "|---:|---:|---:|---:|"]
-        lines += [f"| {r['tasks']} | {r['restune MultiTask']:.3f} | {r['peft set_adapter']:.3f} | "
-                  f"{r['speedup']:.1f}x |" for r in rows]
+        lines += [
+            f"| {r['tasks']} | {r['restune MultiTask']:.3f} | {r['peft set_adapter']:.3f} | {r['speedup']:.1f}x |"
+            for r in rows
+        ]
         return "\n".join(lines)
     value, unit = ("peak_mib", "MiB") if kind == "memory" else ("step_s", "s")
     by_name = {r["config"]: r[value] for r in rows}
-    peers = [(k, label) for k, label in (("full", "full FT"), ("peft_lora", "peft LoRA"), ("floor_features",
-             "no-grad fwd+features"), ("floor_inference", "inference fwd")) if k in by_name]
+    peers = [
+        (k, label)
+        for k, label in (
+            ("full", "full FT"),
+            ("peft_lora", "peft LoRA"),
+            ("floor_features", "no-grad fwd+features"),
+            ("floor_inference", "inference fwd"),
+        )
+        if k in by_name
+    ]
     header = f"| configuration | trainable | {kind} ({unit}) | " + " | ".join(f"x {p}" for _, p in peers) + " |"
     lines = [header, "|---|---:|---:|" + "---:|" * len(peers)]
     for r in rows:
@@ -185,6 +196,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
-
-__all__ += ["TRAINING", "FLOORS"]

@@ -1,0 +1,1 @@
+"""Benchmarks: ``restune bench memory | speed | multitask`` (see ``restune.bench.run``)."""
