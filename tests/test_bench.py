@@ -66,3 +66,12 @@ def test_cli_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert "no-grad fwd+features" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="unknown configuration"):
         main(["bench", "speed", "--configs", "nope"])
+
+
+def test_merge_latency_compares_merged_plain_and_unmerged() -> None:
+    from restune.bench.run import merge_latency
+
+    rows = merge_latency(BenchSettings(**TINY, device="cpu"), presets=("lora", "ssf"), progress=False)
+    assert [r["preset"] for r in rows] == ["lora", "ssf"]
+    assert all(r["merged_s"] > 0 and r["unmerged_s"] > 0 for r in rows)
+    assert "merged / plain" in format_table("merge", rows)

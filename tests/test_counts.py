@@ -29,7 +29,13 @@ TABLE: dict[str, tuple[int, int, int]] = {
     "res_lora": (294_936, 332_981, 475_343),
     "res_attn": (589_836, 627_881, 770_243),
     "res_tuning": (378_000, 416_045, 558_407),
+    "ssf": (205_824, 243_869, 386_231),
+    "bitfit": (102_912, 140_957, 283_319),
+    "linear": (0, 38_045, 180_407),
+    "full": (85_798_656, 85_836_701, 85_979_063),
 }
+# Presets that train backbone tensors rather than add tuner modules.
+TRAINS_BACKBONE = {"bitfit", "full"}
 NUM_CLASSES = 100
 VIT_B_HEAD = 769 * NUM_CLASSES  # 76,900
 VIT_B_BACKBONE = 85_798_656  # specs/README.md §2.1
@@ -61,6 +67,11 @@ def prefix_count(dim: int, depth: int) -> int:
     return depth * (2 * 10 * dim + 1)
 
 
+def _backbone_count(name: str) -> int:
+    model = meta_vit(name)
+    return sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.get_classifier().parameters())
+
+
 # Trainable parameters without head of each preset, from D and L (res-tuning.md, res-attn.md, baselines.md §1).
 FORMULAS: dict[str, Callable[[int, int], int]] = {
     "lora": lambda d, n: n * 2 * 8 * (2 * d),
@@ -70,6 +81,11 @@ FORMULAS: dict[str, Callable[[int, int], int]] = {
     "res_lora": lambda d, n: n * 2 * (8 * 2 * d + 1),
     "res_attn": lambda d, n: n * (4 * d * 16 + 1),
     "res_tuning": lambda d, n: prefix_count(d, n) + adapter_count(d, n),
+    # SSF after qkv (3D), proj (D), fc1 (4D), fc2 (D), norm1, norm2 (D each) per block, plus patch_embed and norm.
+    "ssf": lambda d, n: n * 2 * 11 * d + 2 * 2 * d,
+    # BitFit: the same channels' biases, plus the patch embedding's and the final norm's.
+    "bitfit": lambda d, n: n * 11 * d + 2 * d,
+    "linear": lambda d, n: 0,
 }
 
 
@@ -83,7 +99,8 @@ def test_every_preset_has_a_table_row() -> None:
 
 
 def test_table_formulas_agree_on_vit_b() -> None:
-    assert {name: formula(768, 12) for name, formula in FORMULAS.items()} == {k: v[0] for k, v in TABLE.items()}
+    formulas = {name: formula(768, 12) for name, formula in FORMULAS.items()}
+    assert formulas == {k: v[0] for k, v in TABLE.items() if k != "full"}
 
 
 @pytest.mark.parametrize("preset", restune.presets())
@@ -95,8 +112,9 @@ def test_preset_counts_vit_b(preset: str) -> None:
     assert report.trainable == without_head + VIT_B_HEAD
     assert report.with_vtab_head == with_vtab
     assert report.with_fgvc_head == with_fgvc
-    assert report.total == VIT_B_BACKBONE + VIT_B_HEAD + without_head
-    assert report.sets == {"default": without_head}
+    tuner_params = 0 if preset in TRAINS_BACKBONE else without_head
+    assert report.total == VIT_B_BACKBONE + VIT_B_HEAD + tuner_params
+    assert report.sets == {"default": tuner_params}
     assert sum(row[3] for row in report.tuners) == without_head
     assert report.active == "default"
     assert report.num_classes == NUM_CLASSES and report.head_inputs == 768
@@ -114,7 +132,7 @@ def test_preset_counts_other_widths(model_name: str, preset: str) -> None:
     dim, depth = OTHER_VITS[model_name]
     head = (dim + 1) * NUM_CLASSES
     report = tuned_report(preset, model_name)
-    expected = FORMULAS[preset](dim, depth)
+    expected = FORMULAS[preset](dim, depth) if preset != "full" else _backbone_count(model_name)
     assert report.trainable_without_head == expected
     assert report.head == head
     assert report.trainable == expected + head

@@ -259,6 +259,10 @@ def test_presets_listed() -> None:
         "res_lora",
         "res_attn",
         "res_tuning",
+        "ssf",
+        "bitfit",
+        "linear",
+        "full",
     ]
 
 
@@ -266,9 +270,11 @@ def test_presets_listed() -> None:
 def test_preset_resolves_to_a_fresh_spec(preset: str) -> None:
     first, second = resolve_spec(preset), resolve_spec(preset)
     assert first.preset == preset
-    assert first.head == "train" and first.train is None
+    assert first.head == "train"
+    assert (first.train is None) == (preset not in ("bitfit", "full"))
     assert first == second
-    assert first is not second and first.tuners[0] is not second.tuners[0]
+    assert first is not second and first.tuners is not second.tuners
+    assert all(a is not b for a, b in zip(first.tuners, second.tuners, strict=True))
 
 
 @pytest.mark.parametrize("name", ["res_tunning", "nope", "LoRA"])

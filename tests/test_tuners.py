@@ -50,7 +50,9 @@ EXTRA_CASES: dict[str, list[TunerConfig]] = {
     "lora@qkv_fused": [LoraConfig(sites=["attn.qkv"], r=4, alpha=8.0)],
     "res_attn_prefix4": [ResAttnConfig(r=8, heads=2, prefix_length=4)],
 }
-CASES = [*restune.presets(), *EXTRA_CASES]
+# The Res-Tuning family and LoRA start as the pretrained model; SSF, BitFit, linear and full are tested elsewhere.
+RES_TUNING_PRESETS = ["lora", "res_adapter", "res_prefix", "res_prompt", "res_lora", "res_attn", "res_tuning"]
+CASES = [*RES_TUNING_PRESETS, *EXTRA_CASES]
 
 # Per tuner type: parameters (name inside the tuner) the specs say get a non-zero / an exactly zero gradient at step 0.
 NONZERO_AT_STEP0 = {

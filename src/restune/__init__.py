@@ -6,6 +6,7 @@ Public functions only; everything else is reachable through its module (``restun
 from restune import backbones, features, parity, tuners
 from restune.bypass import Bypass, BypassConfig, MultiTask
 from restune.checkpoint import load, save
+from restune.merge import merge, unmerge
 from restune.presets import presets
 from restune.report import Report, report
 from restune.spec import TuneSpec
@@ -26,6 +27,8 @@ __all__ = [
     "disabled",
     "save",
     "load",
+    "merge",
+    "unmerge",
     "parity",
     "features",
     "backbones",

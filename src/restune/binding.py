@@ -4,8 +4,9 @@ Each hooked module gets one *host* that adds the active set's tuner outputs to w
 frozen modules are neither replaced nor wrapped, their state-dict names stay timm's, ``forward_features`` and the
 user's own loop keep working, and disabling the tuners is a flag, not a model surgery.
 
-- ``OutputHost`` (parallel and weight-delta tuners): out + sum_k t_k(x), where a tuner on a virtual q/k/v site adds
-  to its row block of the fused qkv output only.
+- ``ModuleHost`` (parallel, weight-delta and affine tuners): affine-before transforms of the input, then
+  out + sum_k t_k(x) (a tuner on a virtual q/k/v site adds to its row block of the fused qkv only), then
+  affine-after transforms of the result.
 - ``AttentionHost`` (attention-branch tuners): captures the backbone's own query from ``qkv`` (before any tuner
   delta), and adds s * P W_o. When s is one number and ``proj`` carries no tuner, the branch is added to the input
   of ``proj`` so the backbone's W_o product is shared (exact, as W_o is linear); otherwise it is projected through
@@ -21,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from restune.tuners.base import Tuner
+from restune.tuners.base import Binding, Tuner
 
-__all__ = ["TunerStore", "TunerSet", "OutputHost", "AttentionHost"]
+__all__ = ["TunerStore", "TunerSet", "ModuleHost", "AttentionHost"]
 
 
 class TunerSet(nn.Module):
@@ -74,7 +75,7 @@ class TunerStore(nn.Module):
         self.__dict__["original_head"] = None  # a hidden copy of the head as it was before the first tune
         self.__dict__["original_backbone"] = {}  # name -> tensor as it was before any set trained it
 
-    def active_entries(self, host: OutputHost | AttentionHost) -> list:
+    def active_entries(self, host: ModuleHost | AttentionHost) -> list:
         if not self.enabled or self.active is None:
             return []
         return host.entries.get(self.active, [])
@@ -86,36 +87,97 @@ class TunerStore(nn.Module):
         return self.hosts[key]
 
     def output_entries(self, module: nn.Module) -> list:
-        host = self.hosts.get((id(module), OutputHost))
-        return self.active_entries(host) if host is not None else []
+        """Tuners of the active set that change a module's output (additive or affine-after)."""
+        host = self.hosts.get((id(module), ModuleHost))
+        return host._active(host.entries) + host._active(host.after) if host is not None else []
 
-    def remove_hooks(self) -> None:
+    def detach_hooks(self) -> None:
+        """Remove every hook from the frozen modules (the hosts and their tables are kept for ``attach_hooks``)."""
         for host in self.hosts.values():
-            for handle in host.handles:
-                handle.remove()
-        self.hosts.clear()
+            host.detach()
+
+    def attach_hooks(self) -> None:
+        """Register the hosts' hooks again, in their original order."""
+        for host in self.hosts.values():
+            host.attach()
 
 
 def _first_input(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else next(iter(kwargs.values()))
 
 
-class OutputHost:
-    """Adds parallel and weight-delta tuner outputs to one module's output."""
+class ModuleHost:
+    """Runs the tuners bound to one frozen module, in a fixed order whatever order they were attached in.
+
+    1. ``before`` affine tuners transform the module's input (ARC-style);
+    2. the module runs; observers see its untouched output (the attention branch's query capture);
+    3. parallel and weight-delta tuners add their outputs, computed from the (transformed) input; a tuner on a
+       virtual q/k/v site adds to its row block only;
+    4. ``after`` affine tuners transform the result (SSF-style).
+    """
 
     def __init__(self, store: TunerStore, module: nn.Module) -> None:
         self.store = store
         self.entries: dict[str, list[tuple[Tuner, tuple[int, int] | None]]] = {}
-        self.handles: list[RemovableHandle] = [module.register_forward_hook(self._hook, with_kwargs=True)]
+        self.before: dict[str, list[Tuner]] = {}
+        self.after: dict[str, list[Tuner]] = {}
+        self.observers: list[Any] = []
+        self.module = module
+        self.handles: list[RemovableHandle] = []
+        self.attach()
+
+    def attach(self) -> None:
+        self.handles = [
+            self.module.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
+            self.module.register_forward_hook(self._hook, with_kwargs=True),
+        ]
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
 
     def add(self, set_name: str, tuner: Tuner, rows: tuple[int, int] | None) -> None:
-        self.entries.setdefault(set_name, []).append((tuner, rows))
+        if tuner.binding is Binding.AFFINE:
+            side = self.before if tuner.position == "before" else self.after
+            side.setdefault(set_name, []).append(tuner)
+        else:
+            self.entries.setdefault(set_name, []).append((tuner, rows))
+
+    def _active(self, table: dict[str, list]) -> list:
+        if not self.store.enabled or self.store.active is None:
+            return []
+        return table.get(self.store.active, [])
+
+    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+        transforms = self._active(self.before)
+        if not transforms:
+            return None
+        if args:
+            x = args[0]
+            for tuner in transforms:
+                x = tuner(x)
+            return (x, *args[1:]), kwargs
+        key = next(iter(kwargs))
+        x = kwargs[key]
+        for tuner in transforms:
+            x = tuner(x)
+        return args, {**kwargs, key: x}
 
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
-        entries = self.store.active_entries(self)
-        if not entries:
+        for observe in self.observers:
+            observe(output)
+        entries, after = self._active(self.entries), self._active(self.after)
+        if not entries and not after:
             return None
-        x = _first_input(args, kwargs)
+        if entries:
+            output = self._add(_first_input(args, kwargs), output, entries)
+        for tuner in after:
+            output = tuner(output)
+        return output
+
+    @staticmethod
+    def _add(x: torch.Tensor, output: torch.Tensor, entries: list) -> torch.Tensor:
         by_rows: dict[tuple[int, int], torch.Tensor] = {}
         for tuner, rows in entries:
             delta = tuner(x)
@@ -145,16 +207,25 @@ class AttentionHost:
         self.entries: dict[str, list[Tuner]] = {}
         self._query: torch.Tensor | None = None
         self._injected = False
+        store.host(attention.qkv, ModuleHost).observers.append(self._capture_query)
+        self.handles: list[RemovableHandle] = []
+        self.attach()
+
+    def attach(self) -> None:
         self.handles = [
-            attention.qkv.register_forward_hook(self._capture_query, prepend=True),
-            attention.proj.register_forward_pre_hook(self._inject),
-            attention.register_forward_hook(self._add_after),
+            self.attention.proj.register_forward_pre_hook(self._inject),
+            self.attention.register_forward_hook(self._add_after),
         ]
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
 
     def add(self, set_name: str, tuner: Tuner) -> None:
         self.entries.setdefault(set_name, []).append(tuner)
 
-    def _capture_query(self, qkv: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    def _capture_query(self, output: torch.Tensor) -> None:
         if not self.store.active_entries(self):
             return
         attention = self.attention

@@ -125,8 +125,18 @@ class _Residual(nn.Module):
         super().__init__()
         self.tuner = tuner
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return z + self.tuner(z)
+    @property
+    def answers_first_tokens(self) -> bool:
+        """Whether R can give its output for the first tokens only while reading all of them (Res-Attn)."""
+        gated = any(getattr(m, "kind", None) == "gate" for m in self.tuner.modules())
+        return hasattr(self.tuner, "first_tokens_supported") and not gated
+
+    def forward(self, z: torch.Tensor, first_tokens: int | None = None) -> torch.Tensor:
+        if first_tokens is None:
+            return z + self.tuner(z)
+        if getattr(self.tuner, "mixes_tokens", False):
+            return z[:, :first_tokens] + self.tuner(z, first_tokens=first_tokens)
+        return z[:, :first_tokens] + self.tuner(z[:, :first_tokens])
 
 
 def _make_tuner(choice: str | dict[str, Any], config: BypassConfig, width: int, last: bool, anchor: nn.Module) -> Any:
@@ -164,6 +174,12 @@ def _mixes_tokens(module: nn.Module | None) -> bool:
     return module is not None and any(getattr(m, "mixes_tokens", False) for m in module.modules())
 
 
+def _answers_first_tokens(module: nn.Module | None) -> bool:
+    if not _mixes_tokens(module):
+        return True
+    return isinstance(module, _Residual) and module.answers_first_tokens
+
+
 class BypassStep(nn.Module):
     """One bypass step: b_l = mix(RA_lat(x_l), RA_ver(b_(l-1)))."""
 
@@ -178,7 +194,15 @@ class BypassStep(nn.Module):
             self.register_buffer("lam", torch.tensor(lam))
 
     def forward(self, feature: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        lateral = self.lateral(feature) if self.lateral is not None else None
+        lateral = None
+        if self.lateral is not None and feature.shape[1] > state.shape[1]:  # the state carries the class token only
+            tokens = state.shape[1]
+            if isinstance(self.lateral, _Residual):
+                lateral = self.lateral(feature, first_tokens=tokens)
+            else:
+                lateral = self.lateral(feature[:, :tokens])
+        elif self.lateral is not None:
+            lateral = self.lateral(feature)
         vertical = self.vertical(state) if self.vertical is not None else None
         if self.mixing == "sum" or lateral is None or vertical is None:
             if lateral is None:
@@ -257,22 +281,36 @@ class Bypass(nn.Module):
         return any(step.mixes_tokens for step in self.bypass)
 
     @property
-    def prunes_tokens(self) -> bool:
-        """Whether the chain runs on the class token alone (exact: see the module docstring)."""
-        if self.config.prune_tokens is False:
-            return False
+    def token_mode(self) -> str:
+        """Which tokens the chain needs, decided so that results equal the all-token computation exactly.
+
+        ``class``: every bypass tuner is per token and the head reads the class token, so features and states are
+        the class token alone. ``query``: a token-mixing tuner sits only in lateral position, where it reads backbone
+        features (constants); the state path stays per token, so the states are the class token alone and the
+        lateral tuner reads all tokens of its feature but answers for the class token only. ``all``: otherwise
+        (a token-mixing vertical tuner, or pooling that reads other tokens).
+        """
         reads_class_token = (
             getattr(self.backbone, "global_pool", None) == "token"
             and getattr(self.backbone, "cls_token", None) is not None
             and getattr(self.backbone, "attn_pool", None) is None
         )
-        exact = reads_class_token and not self.mixes_tokens
-        if self.config.prune_tokens and not exact:
-            raise ValueError(
-                "bypass: prune_tokens=True is not exact here (the head or a bypass tuner reads other "
-                "tokens); leave prune_tokens=None"
-            )
-        return exact
+        vertical_mixes = any(_mixes_tokens(step.vertical) for step in self.bypass)
+        lateral_mixes = any(_mixes_tokens(step.lateral) for step in self.bypass)
+        answers = all(_answers_first_tokens(step.lateral) for step in self.bypass)
+        if self.config.prune_tokens is False or not reads_class_token or vertical_mixes or not answers:
+            if self.config.prune_tokens:
+                raise ValueError(
+                    "bypass: prune_tokens=True is not exact here (the head or a vertical bypass tuner reads other "
+                    "tokens); leave prune_tokens=None"
+                )
+            return "all"
+        return "query" if lateral_mixes else "class"
+
+    @property
+    def prunes_tokens(self) -> bool:
+        """Whether the bypass states carry the class token alone (exact: see ``token_mode``)."""
+        return self.token_mode != "all"
 
     def train(self, mode: bool = True) -> Bypass:
         super().train(mode)
@@ -283,12 +321,16 @@ class Bypass(nn.Module):
         """The detached backbone features this Bypass reads (class token only when it prunes)."""
         self.backbone.eval()
         return block_features(
-            self.backbone, images, self.keys, class_token_only=self.prunes_tokens, chunk_size=self.config.chunk_size
+            self.backbone,
+            images,
+            self.keys,
+            class_token_only=self.token_mode == "class",
+            chunk_size=self.config.chunk_size,
         )
 
     def forward_features(self, features: dict[int, torch.Tensor]) -> torch.Tensor:
         """b_L from backbone features (live or cached); any extra feature keys are ignored."""
-        state = features[0]
+        state = features[0][:, :1] if self.prunes_tokens else features[0]
         lean = self.config.recompute and torch.is_grad_enabled() and state.shape[1] > 1
         for key, step in zip(self.keys[1:], self.bypass, strict=True):
             feature = features[key]
@@ -300,8 +342,8 @@ class Bypass(nn.Module):
         return self.head(self.backbone.forward_head(self.backbone.norm(state), pre_logits=True))
 
     def logits_from_features(self, features: dict[int, torch.Tensor]) -> torch.Tensor:
-        """Logits from backbone features; with a pruning Bypass, all-token features are sliced to token 0."""
-        if self.prunes_tokens:
+        """Logits from backbone features; a class-token Bypass slices all-token features to token 0."""
+        if self.token_mode == "class":
             features = {k: v[:, :1] for k, v in features.items()}
         return self.forward_head(self.forward_features(features))
 
@@ -365,7 +407,7 @@ class MultiTask(nn.Module):
             raise ValueError("MultiTask has no tasks; add one with .add(name, bypass)")
         tasks = list(self.tasks.items())
         keys = sorted({key for _, task in tasks for key in task.keys})
-        class_token_only = all(task.prunes_tokens for _, task in tasks)
+        class_token_only = all(task.token_mode == "class" for _, task in tasks)
         chunk = min((t.config.chunk_size for _, t in tasks if t.config.chunk_size), default=None)
         with torch.inference_mode():
             self.backbone.eval()

@@ -13,6 +13,7 @@ import torch
 
 import restune
 from restune.report import report
+from restune.tune import backbone_parameters
 from restune.tuners.base import get_tuner, tuner_names
 
 __all__ = ["main"]
@@ -37,14 +38,16 @@ def info(model_name: str, num_classes: int) -> str:
         lines.append(f"| {name} | {module_cls.binding.value} | {', '.join(sorted(module_cls.site_kinds))} |")
     lines += ["", "| preset | tuners | trainable without head | + VTAB-1k avg head | + FGVC avg head | % of backbone |"]
     lines.append("|---|---|---:|---:|---:|---:|")
+    backbone = sum(p.numel() for p in backbone_parameters(base).values())
     for preset in restune.presets():
         model = restune.tune(_meta_model(model_name, num_classes), preset)
         counts = report(model)
-        kinds = " + ".join(t.type for t in model.restune.sets["default"].spec.tuners)
-        share = 100.0 * counts.trainable_without_head / (counts.total - counts.trainable)
+        spec = model.restune.sets["default"].spec
+        parts = [t.type for t in spec.tuners] + ([f"backbone {spec.train}"] if spec.train else [])
+        share = 100.0 * counts.trainable_without_head / backbone
         lines.append(
-            f"| {preset} | {kinds} | {counts.trainable_without_head:,} | {counts.with_vtab_head:,} | "
-            f"{counts.with_fgvc_head:,} | {share:.3f}% |"
+            f"| {preset} | {' + '.join(parts) or 'head only'} | {counts.trainable_without_head:,} | "
+            f"{counts.with_vtab_head:,} | {counts.with_fgvc_head:,} | {share:.3f}% |"
         )
     return "\n".join(lines)
 
@@ -61,8 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--batch-size", type=int, default=32)
     p_demo.add_argument("--seed", type=int, default=0)
     p_demo.add_argument("--presets", nargs="+", default=None, help="presets to run (default: all of this issue's)")
-    p_bench = commands.add_parser("bench", help="memory, speed and multi-task benchmarks against peers")
-    p_bench.add_argument("what", choices=["memory", "speed", "multitask", "all"])
+    p_bench = commands.add_parser("bench", help="memory, speed, multi-task and merge benchmarks against peers")
+    p_bench.add_argument("what", choices=["memory", "speed", "multitask", "merge", "all"])
     p_bench.add_argument("--model", default="vit_base_patch16_224", help="timm model (randomly initialised)")
     p_bench.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
     p_bench.add_argument("--num-classes", type=int, default=100)
@@ -78,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
 def bench(args: argparse.Namespace) -> int:
     """Run the requested benchmarks, print Markdown tables, optionally write JSON."""
     from restune.bench.configs import CONFIGS
-    from restune.bench.run import BenchSettings, format_table, memory, multitask, speed
+    from restune.bench.run import BenchSettings, format_table, memory, merge_latency, multitask, speed
 
     unknown = sorted(set(args.configs or []) - set(CONFIGS))
     if unknown:
@@ -89,11 +92,13 @@ def bench(args: argparse.Namespace) -> int:
     if args.configs:
         base["configs"] = tuple(args.configs)
     results = {}
-    for what in ("memory", "speed", "multitask") if args.what == "all" else (args.what,):
+    for what in ("memory", "speed", "multitask", "merge") if args.what == "all" else (args.what,):
         batch = args.batch_size or (16 if what == "multitask" else 32)
         settings = BenchSettings(**base, batch_size=batch)
         if what == "multitask":
             rows = multitask(settings, tuple(args.tasks))
+        elif what == "merge":
+            rows = merge_latency(settings)
         else:
             rows = memory(settings) if what == "memory" else speed(settings)
         results[what] = {"settings": {**settings.__dict__}, "rows": rows}

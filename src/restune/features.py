@@ -101,7 +101,7 @@ class CacheKey:
             items=_items_hash(items),
             count=len(items),
             keys=tuple(bypass.keys),
-            class_token_only=bypass.prunes_tokens,
+            class_token_only=bypass.token_mode == "class",
             versions=versions,
         )
 

@@ -10,7 +10,15 @@ import difflib
 from collections.abc import Callable
 
 from restune.spec import TuneSpec
-from restune.tuners import LoraConfig, ResAdapterConfig, ResAttnConfig, ResLoraConfig, ResPrefixConfig, ResPromptConfig
+from restune.tuners import (
+    LoraConfig,
+    ResAdapterConfig,
+    ResAttnConfig,
+    ResLoraConfig,
+    ResPrefixConfig,
+    ResPromptConfig,
+    SSFConfig,
+)
 
 __all__ = ["presets", "get_preset", "register_preset"]
 
@@ -48,3 +56,7 @@ register_preset("res_lora", lambda: TuneSpec([ResLoraConfig()]))  # 294,936
 register_preset("res_attn", lambda: TuneSpec([ResAttnConfig()]))  # 589,836
 # A reconstruction: which combination gave the published 0.55M is not confirmed by the paper (res-tuning.md §6).
 register_preset("res_tuning", lambda: TuneSpec([ResPrefixConfig(), ResAdapterConfig()]))  # 378,000
+register_preset("ssf", lambda: TuneSpec([SSFConfig()]))  # 205,824
+register_preset("bitfit", lambda: TuneSpec([], train=r".*\.bias"))  # 102,912: every bias of the backbone
+register_preset("linear", lambda: TuneSpec([]))  # 0: the head alone
+register_preset("full", lambda: TuneSpec([], train=r".*"))  # 85,798,656: everything

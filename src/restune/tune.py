@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from restune.binding import AttentionHost, OutputHost, TunerSet, TunerStore
+from restune.binding import AttentionHost, ModuleHost, TunerSet, TunerStore
 from restune.sites import STORE_ATTR, Site, find_sites, match_sites
 from restune.spec import TuneSpec, resolve_spec
 from restune.tuners.base import Binding, Tuner, get_tuner
@@ -107,8 +107,9 @@ def build_tuners(model: nn.Module, spec: TuneSpec) -> list[tuple[Site, str, Tune
     built = []
     for config in spec.tuners:
         entry = get_tuner(config.type)
-        for site in match_sites(sites, config.sites, config.layers, entry.module_cls.site_kinds, who=config.type):
-            built.append((site, config.type, entry.module_cls(config, site)))
+        matched = match_sites(sites, config.sites, config.layers, entry.module_cls.site_kinds, who=config.type)
+        modules = entry.module_cls.build_all(config, matched)
+        built += [(site, config.type, module) for site, module in zip(matched, modules, strict=True)]
     return built
 
 
@@ -152,7 +153,7 @@ def tune(model: nn.Module, spec: Any, *, name: str = "default") -> nn.Module:
         if module.binding is Binding.ATTENTION_BRANCH:
             store.host(site.attention, AttentionHost).add(name, module)
         else:
-            store.host(site.module, OutputHost).add(name, module, site.rows)
+            store.host(site.module, ModuleHost).add(name, module, site.rows)
     params = dict(model.named_parameters())
     for param_name in owned:
         if param_name not in store.original_backbone:

@@ -74,10 +74,9 @@ def _restune(preset: str) -> Callable[[nn.Module], Runner]:
     return build_it
 
 
-def _bypass(spec: str | dict) -> Callable[[nn.Module], Runner]:
+def _bypass(spec: str | dict, label: str) -> Callable[[nn.Module], Runner]:
     def build_it(model: nn.Module) -> Runner:
         bypass = restune.Bypass(model, spec, num_classes=model.num_classes).train()
-        label = "Bypass" if isinstance(spec, str) else "Bypass, Res-Attn lateral (all tokens)"
         return _trainer(label, bypass, bypass)
 
     return build_it
@@ -124,8 +123,9 @@ CONFIGS: dict[str, Callable[[nn.Module], Runner]] = {
     "peft_lora": _peft_lora,
     "lora": _restune("lora"),
     "res_adapter": _restune("res_adapter"),
-    "bypass": _bypass("res_tuning_bypass"),
-    "bypass_attn": _bypass({"lateral": {"type": "res_attn", "r": 16, "heads": 4}}),
+    "bypass": _bypass("res_tuning_bypass", "Bypass"),
+    "bypass_attn": _bypass({"lateral": {"type": "res_attn"}}, "Bypass, Res-Attn lateral (class-token queries)"),
+    "bypass_attn_all": _bypass({"vertical": {"type": "res_attn"}}, "Bypass, Res-Attn vertical (all tokens)"),
     "bypass_cached": _bypass_cached,
     "floor_features": _floor_features,
     "floor_inference": _floor_inference,

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from restune.bench.configs import CONFIGS, build, make_backbone
 
-__all__ = ["BenchSettings", "memory", "speed", "multitask", "format_table"]
+__all__ = ["BenchSettings", "memory", "speed", "multitask", "merge_latency", "format_table"]
 
 
 @dataclass
@@ -157,8 +157,61 @@ def multitask(settings: BenchSettings, tasks: tuple[int, ...] = (1, 5, 19), prog
     return results
 
 
+MERGE_PRESETS = ("lora", "res_lora", "ssf", "rlrr", "arc", "hta", "snell")
+
+
+def merge_latency(settings: BenchSettings, presets: tuple[str, ...] = MERGE_PRESETS, progress: bool = True) -> list:
+    """Inference latency of each merged model against the plain backbone and the unmerged tuned model."""
+    import restune
+
+    device = torch.device(settings.device)
+    images, _ = settings.batch()
+    chosen = [p for p in presets if p in restune.presets()]
+    plain = make_backbone(settings.model, settings.num_classes, settings.img_size, device).eval()
+    runs: dict[str, Any] = {"plain": plain}
+    for preset in chosen:
+        tuned = restune.tune(make_backbone(settings.model, settings.num_classes, settings.img_size, device), preset)
+        merged = restune.tune(make_backbone(settings.model, settings.num_classes, settings.img_size, device), preset)
+        merged.load_state_dict(tuned.state_dict())
+        restune.merge(merged)
+        runs[f"{preset}:unmerged"], runs[f"{preset}:merged"] = tuned.eval(), merged.eval()
+    best = {name: float("inf") for name in runs}
+    with torch.inference_mode():
+        for model in runs.values():
+            model(images)
+        for _ in tqdm(range(settings.repeats), desc="merge repeats", disable=not progress):
+            for name, model in runs.items():
+                _sync(device)
+                start = time.perf_counter()
+                model(images)
+                _sync(device)
+                best[name] = min(best[name], time.perf_counter() - start)
+    return [
+        {
+            "preset": p,
+            "plain_s": best["plain"],
+            "merged_s": best[f"{p}:merged"],
+            "unmerged_s": best[f"{p}:unmerged"],
+            "merged_vs_plain": best[f"{p}:merged"] / best["plain"],
+            "unmerged_vs_plain": best[f"{p}:unmerged"] / best["plain"],
+        }
+        for p in chosen
+    ]
+
+
 def format_table(kind: str, rows: list[dict[str, Any]]) -> str:
     """A Markdown table with ratios against full fine-tuning, peft LoRA and the floors, where measured."""
+    if kind == "merge":
+        lines = [
+            "| preset | plain (s) | merged (s) | unmerged (s) | merged / plain | unmerged / plain |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {r['preset']} | {r['plain_s']:.3f} | {r['merged_s']:.3f} | {r['unmerged_s']:.3f} | "
+            f"{r['merged_vs_plain']:.3f} | {r['unmerged_vs_plain']:.3f} |"
+            for r in rows
+        ]
+        return "\n".join(lines)
     if kind == "multitask":
         lines = ["| tasks | restune MultiTask (s) | peft set_adapter (s) | speed-up |", "|---:|---:|---:|---:|"]
         lines += [

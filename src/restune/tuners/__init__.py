@@ -1,6 +1,6 @@
 """Tuner implementations; importing this package registers every tuner type."""
 
-from restune.tuners import adapter, attention, lora, prefix, prompt  # noqa: F401  (registration side effects)
+from restune.tuners import adapter, attention, lora, prefix, prompt, ssf  # noqa: F401  (registration side effects)
 from restune.tuners.adapter import ResAdapter, ResAdapterConfig, SwiftResAdapter
 from restune.tuners.attention import ResAttn, ResAttnConfig
 from restune.tuners.base import Binding, Tuner, TunerConfig, config_from_dict, get_tuner, register_tuner, tuner_names
@@ -8,6 +8,7 @@ from restune.tuners.lora import LoraConfig, LowRankDelta, ResLoraConfig
 from restune.tuners.prefix import ResPrefix, ResPrefixConfig
 from restune.tuners.prompt import ResPrompt, ResPromptConfig
 from restune.tuners.scale import Scale
+from restune.tuners.ssf import SSF, SSFConfig
 
 __all__ = [
     "Binding",
@@ -30,4 +31,6 @@ __all__ = [
     "ResPrefixConfig",
     "ResPrompt",
     "ResPromptConfig",
+    "SSF",
+    "SSFConfig",
 ]

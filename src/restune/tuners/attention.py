@@ -66,6 +66,7 @@ class ResAttn(Tuner):
     binding = Binding.PARALLEL
     site_kinds = frozenset({ATTN, MLP, BLOCK})
     mixes_tokens = True
+    first_tokens_supported = True  # forward(x, first_tokens=n): outputs for the first n queries, keys from all
 
     def __init__(self, config: ResAttnConfig, site: Site) -> None:
         super().__init__(config, site)
@@ -89,12 +90,14 @@ class ResAttn(Tuner):
         *lead, tokens, width = x.shape
         return x.view(*lead, tokens, self.heads, width // self.heads).transpose(-3, -2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, first_tokens: int | None = None) -> torch.Tensor:
+        """R(x), or with ``first_tokens`` = n its rows for the first n tokens only (queries pruned, keys all)."""
         source = x if self.prefix is None else self.prefix.unsqueeze(0).expand(x.shape[0], -1, -1)
-        q, k, v = self._heads(self.query(x)), self._heads(self.key(source)), self._heads(self.value(source))
+        queries = x if first_tokens is None else x[..., :first_tokens, :]
+        q, k, v = self._heads(self.query(queries)), self._heads(self.key(source)), self._heads(self.value(source))
         dropout = self.attn_dropout if self.training else 0.0
         o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=1.0 / math.sqrt(q.shape[-1]))
-        o = o.transpose(-3, -2).reshape(*x.shape[:-1], -1)
+        o = o.transpose(-3, -2).reshape(*queries.shape[:-1], -1)
         return self.scale(self.out(o))
 
 

@@ -39,6 +39,7 @@ class Binding(str, Enum):
     PARALLEL = "parallel"  # OP(x) + s * R(x)
     ATTENTION_BRANCH = "attention_branch"  # an extra attention term inside MHA
     WEIGHT_DELTA = "weight_delta"  # the linear computes with W + dW(theta); mergeable
+    AFFINE = "affine"  # a per-channel or linear map of the op's input ("before") or output ("after")
 
 
 @dataclass
@@ -106,12 +107,26 @@ class Tuner(nn.Module):
 
     binding: ClassVar[Binding]
     site_kinds: ClassVar[frozenset[str]]
+    position: str = "after"  # affine tuners only: transform the site's input ("before") or output ("after")
     mixes_tokens: ClassVar[bool] = False  # True when one token's output depends on other tokens (attention)
 
     def __init__(self, config: TunerConfig, site: Site) -> None:
         super().__init__()
         self.config = config
         self.site_name = site.name
+
+    @classmethod
+    def build_all(cls, config: TunerConfig, sites: list[Site]) -> list[Tuner]:
+        """One tuner per matched site.
+
+        Override to share tensors between sites (ARC's shared projections): a shared ``nn.Parameter`` registered in
+        several tuners is counted, trained and saved once.
+        """
+        return [cls(config, site) for site in sites]
+
+    def delta_bias(self) -> torch.Tensor | None:
+        """The bias delta of a mergeable tuner that also shifts the bias (RLRR's f), else None."""
+        return None
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The tensors this tuner trains (fixed constants are buffers and never appear here)."""

@@ -53,6 +53,7 @@ class Scale(nn.Module):
         super().__init__()
         check_scale("Scale", kind, init)
         self.kind = kind
+        self.mixes_tokens = kind == "gate"  # the gate averages over tokens, so one token's output reads the others
         start = 1.0 if init is None else float(init)
         if kind == "scale":
             self.weight = nn.Parameter(torch.full((), start, device=device, dtype=dtype))

@@ -1,0 +1,1 @@
+"""Per-method parity checks, registered into ``restune.parity`` by fixture stem."""
