@@ -33,9 +33,19 @@ TABLE: dict[str, tuple[int, int, int]] = {
     "bitfit": (102_912, 140_957, 283_319),
     "linear": (0, 38_045, 180_407),
     "full": (85_798_656, 85_836_701, 85_979_063),
+    "rlrr": (288_768, 326_813, 469_175),
+    "arc": (96_432, 134_477, 276_839),
+    "arc_att": (48_216, 86_261, 228_623),
+    "hta": (184_320, 222_365, 364_727),
+    "snell_8": (1_327_872, 1_365_917, 1_508_279),
+    "snell_16": (2_654_976, 2_693_021, 2_835_383),
+    "snell_32": (5_309_184, 5_347_229, 5_489_591),
+    "snell": (5_309_184, 5_347_229, 5_489_591),
 }
 # Presets that train backbone tensors rather than add tuner modules.
 TRAINS_BACKBONE = {"bitfit", "full"}
+# SNELL also trains the class token (a backbone tensor of D values) beside its tuners.
+BACKBONE_EXTRA = {"snell_8": 768, "snell_16": 768, "snell_32": 768, "snell": 768}
 NUM_CLASSES = 100
 VIT_B_HEAD = 769 * NUM_CLASSES  # 76,900
 VIT_B_BACKBONE = 85_798_656  # specs/README.md §2.1
@@ -86,6 +96,17 @@ FORMULAS: dict[str, Callable[[int, int], int]] = {
     # BitFit: the same channels' biases, plus the patch embedding's and the final norm's.
     "bitfit": lambda d, n: n * 11 * d + 2 * d,
     "linear": lambda d, n: 0,
+    # RLRR: s_in + s_out + f on q, k, v, proj (3D each), fc1 (9D), fc2 (6D); SSF on norm1, norm2; + norm, patch_embed.
+    "rlrr": lambda d, n: n * 31 * d + 4 * d,
+    # ARC r = 50: one shared D x r projection per position, per block a rescale (r) and a bias (D) per position.
+    "arc": lambda d, n: 2 * (d * 50 + n * (50 + d)),
+    "arc_att": lambda d, n: d * 50 + n * (50 + d),
+    "hta": lambda d, n: n * 4 * 5 * d,
+    # SNELL rank r on six linears: factors of (D_in + D_out) x r each (18 D r per block), plus the class token.
+    "snell_8": lambda d, n: n * 18 * d * 8 + d,
+    "snell_16": lambda d, n: n * 18 * d * 16 + d,
+    "snell_32": lambda d, n: n * 18 * d * 32 + d,
+    "snell": lambda d, n: n * 18 * d * 32 + d,
 }
 
 
@@ -112,7 +133,7 @@ def test_preset_counts_vit_b(preset: str) -> None:
     assert report.trainable == without_head + VIT_B_HEAD
     assert report.with_vtab_head == with_vtab
     assert report.with_fgvc_head == with_fgvc
-    tuner_params = 0 if preset in TRAINS_BACKBONE else without_head
+    tuner_params = 0 if preset in TRAINS_BACKBONE else without_head - BACKBONE_EXTRA.get(preset, 0)
     assert report.total == VIT_B_BACKBONE + VIT_B_HEAD + tuner_params
     assert report.sets == {"default": tuner_params}
     assert sum(row[3] for row in report.tuners) == without_head

@@ -14,6 +14,8 @@ import restune
 from restune.merge import merge, unmerge
 from restune.spec import TuneSpec
 from restune.tuners import LoraConfig, ResAdapterConfig, ResLoraConfig, SSFConfig
+from restune.tuners.arc import ARCConfig
+from restune.tuners.snell import SnellConfig
 
 MERGEABLE = {
     "lora": "lora",
@@ -23,6 +25,12 @@ MERGEABLE = {
     "ssf": "ssf",
     "bitfit": "bitfit",
     "ssf_and_lora": TuneSpec([LoraConfig(), SSFConfig()]),
+    "rlrr": "rlrr",
+    "arc": "arc",
+    "arc_att": "arc_att",
+    "hta": "hta",
+    "snell": TuneSpec([SnellConfig(r=4, sparsity=0.5)], train=["cls_token"]),
+    "arc_and_lora_on_qkv": TuneSpec([ARCConfig(r=4), LoraConfig(sites=["attn.qkv"], r=2)]),
 }
 
 
@@ -130,3 +138,15 @@ def test_merge_in_low_precision_computes_in_fp32() -> None:
     merge(model)
     expected = weight[:32] + delta
     assert torch.equal(model.blocks[0].attn.qkv.weight[:32], expected.to(torch.bfloat16))
+
+
+def test_merge_on_vit_b() -> None:
+    torch.manual_seed(0)
+    model = restune.tune(timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=10).eval(), "rlrr")
+    images = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        expected = model(images)
+    merge(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), expected, atol=1e-5, rtol=1e-5)
+    assert not hasattr(model, "restune")

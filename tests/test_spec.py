@@ -263,6 +263,14 @@ def test_presets_listed() -> None:
         "bitfit",
         "linear",
         "full",
+        "rlrr",
+        "arc",
+        "arc_att",
+        "hta",
+        "snell_8",
+        "snell_16",
+        "snell_32",
+        "snell",
     ]
 
 
@@ -271,7 +279,7 @@ def test_preset_resolves_to_a_fresh_spec(preset: str) -> None:
     first, second = resolve_spec(preset), resolve_spec(preset)
     assert first.preset == preset
     assert first.head == "train"
-    assert (first.train is None) == (preset not in ("bitfit", "full"))
+    assert (first.train is None) == (preset not in ("bitfit", "full") and not preset.startswith("snell"))
     assert first == second
     assert first is not second and first.tuners is not second.tuners
     assert all(a is not b for a, b in zip(first.tuners, second.tuners, strict=True))

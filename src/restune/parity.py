@@ -194,17 +194,22 @@ def _check_bypass(meta: dict[str, Any], t: dict[str, torch.Tensor]) -> dict[str,
     return cmp.result()
 
 
-_CHECKS: dict[str, Callable[[dict[str, Any], dict[str, torch.Tensor]], dict[str, Any]]] = {
-    "restuning_res_adapter": _check_res_adapter,
-    "lora_vit_peft": _check_lora_peft,
-    "restuning_bypass_vit": _check_bypass,
-}
-_LATER = ("rlrr_linear", "rlrr_vit", "arc_vit", "snell_linear_sparse", "snell_linear_klora")
+def _all_checks() -> dict[str, Callable[[dict[str, Any], dict[str, torch.Tensor]], dict[str, Any]]]:
+    from restune.parity_checks import arc, rlrr, snell
+
+    return {
+        "restuning_res_adapter": _check_res_adapter,
+        "lora_vit_peft": _check_lora_peft,
+        "restuning_bypass_vit": _check_bypass,
+        **rlrr.CHECKS,
+        **arc.CHECKS,
+        **snell.CHECKS,
+    }
 
 
 def supported_fixtures() -> list[str]:
     """Fixture stems this version of restune can check."""
-    return sorted(_CHECKS)
+    return sorted(_all_checks())
 
 
 def check(path: str | Path) -> dict[str, Any]:
@@ -226,11 +231,10 @@ def check(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"fixture {base} needs {json_path.name} and {tensor_path.name} side by side")
     meta = json.loads(json_path.read_text())
     stem = meta.get("name") or base.name
-    if stem not in _CHECKS:
-        if stem in _LATER:
-            raise NotImplementedError(f"fixture stem {stem!r} is not covered by this restune version yet")
+    checks = _all_checks()
+    if stem not in checks:
         raise ValueError(f"unknown fixture stem {stem!r}; supported: {', '.join(supported_fixtures())}")
     tensors = {k: v.to(torch.float32) for k, v in load_file(str(tensor_path)).items()}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return _CHECKS[stem](meta, tensors)
+        return checks[stem](meta, tensors)

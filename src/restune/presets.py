@@ -18,6 +18,10 @@ from restune.tuners import (
     ResPrefixConfig,
     ResPromptConfig,
     SSFConfig,
+    arc,
+    hta,
+    rlrr,
+    snell,
 )
 
 __all__ = ["presets", "get_preset", "register_preset"]
@@ -60,3 +64,8 @@ register_preset("ssf", lambda: TuneSpec([SSFConfig()]))  # 205,824
 register_preset("bitfit", lambda: TuneSpec([], train=r".*\.bias"))  # 102,912: every bias of the backbone
 register_preset("linear", lambda: TuneSpec([]))  # 0: the head alone
 register_preset("full", lambda: TuneSpec([], train=r".*"))  # 85,798,656: everything
+
+# Issue-5 methods: each tuner file defines its presets next to its defaults (rlrr.md, arc.md, hta.md, snell.md).
+for _module in (rlrr, arc, hta, snell):
+    for _name, _build in _module.PRESETS.items():
+        register_preset(_name, _build)

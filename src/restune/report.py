@@ -108,8 +108,11 @@ def report(model: nn.Module) -> Report:
         for set_name, tuner_set in store.sets.items():
             sets[set_name] = _count(tuner_set.tuners.parameters())
             grouped: dict[str, list[int]] = {}
+            seen: set[int] = set()  # a tensor shared by several tuners (ARC's projections) counts once
             for _, module in tuner_set.named_tuners():
-                grouped.setdefault(module.config.type, []).append(_count(module.parameters()))
+                fresh = [p for p in module.parameters() if id(p) not in seen]
+                seen.update(id(p) for p in fresh)
+                grouped.setdefault(module.config.type, []).append(_count(fresh))
             tuners += [(set_name, t, len(counts), sum(counts)) for t, counts in grouped.items()]
             backbone = _count(p for n, p in backbone_parameters(model).items() if n in tuner_set.backbone_names)
             if backbone:

@@ -163,6 +163,7 @@ def tune(model: nn.Module, spec: Any, *, name: str = "default") -> nn.Module:
         current = model.get_submodule(head_path)
         head = copy.deepcopy(store.original_head).to(device=_device_of(current), dtype=_dtype_of(current))
         tuner_set.add_module("head", head)
+    tuner_set.train(model.training)  # an eval model gets eval tuners (no live dropout)
     store.sets[name] = tuner_set
     set_active(model, name)
     return model

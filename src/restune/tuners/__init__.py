@@ -1,6 +1,6 @@
 """Tuner implementations; importing this package registers every tuner type."""
 
-from restune.tuners import adapter, attention, lora, prefix, prompt, ssf  # noqa: F401  (registration side effects)
+from restune.tuners import adapter, arc, attention, hta, lora, prefix, prompt, rlrr, snell, ssf  # noqa: F401
 from restune.tuners.adapter import ResAdapter, ResAdapterConfig, SwiftResAdapter
 from restune.tuners.attention import ResAttn, ResAttnConfig
 from restune.tuners.base import Binding, Tuner, TunerConfig, config_from_dict, get_tuner, register_tuner, tuner_names
