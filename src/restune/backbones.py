@@ -80,17 +80,25 @@ def block_features(
     """
     wanted = set(keys)
     last = max(wanted)
-    pieces: dict[int, list[torch.Tensor]] = {k: [] for k in sorted(wanted)}
+    size = chunk_size or len(images)
+    out: dict[int, torch.Tensor] = {}
 
-    def keep(key: int, x: torch.Tensor) -> None:
-        if key in wanted:
-            pieces[key].append(x[:, :1].clone() if class_token_only else x)
+    def keep(key: int, x: torch.Tensor, start: int) -> None:
+        if key not in wanted:
+            return
+        x = x[:, :1] if class_token_only else x
+        if size >= len(images):  # one chunk: keep the tensor itself (a copy for the class token, to free the rest)
+            out[key] = x.clone() if class_token_only else x
+            return
+        if key not in out:  # written in place chunk by chunk: no second copy of the features at the end
+            out[key] = x.new_empty((len(images), *x.shape[1:]))
+        out[key][start : start + len(x)] = x
 
     with torch.no_grad():
-        for chunk in images.split(chunk_size or len(images)):
-            x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(chunk))))
-            keep(0, x)
+        for start in range(0, len(images), size):
+            x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images[start : start + size]))))
+            keep(0, x, start)
             for index, block in enumerate(model.blocks[:last]):
                 x = block(x)
-                keep(index + 1, x)
-    return {k: v[0] if len(v) == 1 else torch.cat(v) for k, v in pieces.items()}
+                keep(index + 1, x, start)
+    return {k: out[k] for k in sorted(wanted)}
