@@ -7,10 +7,8 @@ re-implementation of specs/arc.md §1-2 that shares no code with restune (plain 
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,7 @@ from torch import nn
 import restune
 from restune.checkpoint import WEIGHTS_NAME
 from restune.parity_checks.arc import CHECKS
-from restune.presets import get_preset, presets, register_preset
+from restune.presets import get_preset
 from restune.sites import SiteMatchError, find_sites
 from restune.spec import TuneSpec
 from restune.tuners.arc import ARC_ATT_SITES, PRESETS, ARCAdapter, ARCConfig
@@ -400,19 +398,6 @@ def test_config_validation_names_the_field() -> None:
     assert config_from_dict(config.to_dict()) == config
 
 
-@pytest.fixture
-def registered_presets() -> Iterator[None]:
-    """Register the ARC presets for one test, and remove again what this test added (the lead wires them)."""
-    registry = importlib.import_module("restune.presets")  # the module; ``restune.presets`` is the function
-    added = [name for name in PRESETS if name not in presets()]
-    for name in added:
-        register_preset(name, PRESETS[name])
-    yield
-    for name in added:
-        registry._PRESETS.pop(name)
-
-
-@pytest.mark.usefixtures("registered_presets")
 def test_presets_resolve_by_name() -> None:
     arc, att = get_preset("arc"), get_preset("arc_att")
     assert isinstance(arc, TuneSpec) and arc.head == "train" and arc.train is None

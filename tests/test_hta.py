@@ -22,7 +22,6 @@ from conftest import make_images, make_vit, randomize_
 from torch import nn
 
 import restune
-from restune.presets import presets, register_preset
 from restune.sites import LINEAR, Site, find_sites
 from restune.tune import classifier_path, get_store
 from restune.tuners.base import config_from_dict
@@ -33,10 +32,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 Tensor = torch.Tensor
 F64 = torch.float64
 TOL64 = 1e-10  # float64 agreement between the factorised forward and the explicit-matrix reference
-
-for _name, _build in PRESETS.items():
-    if _name not in presets():
-        register_preset(_name, _build)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -4,11 +4,9 @@ spec's math on other shapes, exact trainable counts, exact merge, what a trainin
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import math
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,28 +19,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import restune
-from restune.presets import get_preset, presets, register_preset
+from restune.presets import get_preset
 from restune.sites import SiteMatchError, find_sites
 from restune.tuners.base import config_from_dict
-from restune.tuners.rlrr import PRESETS, RLRR_SITES, RLRRConfig, RLRRLinear, rlrr_spec
+from restune.tuners.rlrr import RLRR_SITES, RLRRConfig, RLRRLinear, rlrr_spec
 from restune.tuners.ssf import SSF, SSFConfig
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 Tensor = torch.Tensor
 STEMS = ("rlrr_linear", "rlrr_vit")
-
-
-@pytest.fixture
-def registered_preset() -> Iterator[None]:
-    """Register the ``rlrr`` preset for one test and remove it again if this test added it (the lead wires it)."""
-    registry = importlib.import_module("restune.presets")  # the module; ``restune.presets`` is the function
-    added = "rlrr" not in presets()
-    if added:
-        register_preset("rlrr", PRESETS["rlrr"])
-    yield
-    if added:
-        registry._PRESETS.pop("rlrr")
 
 
 def fixture_path(stem: str) -> Path:
@@ -280,7 +266,6 @@ def rlrr_formula(d: int, depth: int, rank: int = 1, fused: bool = False, ssf: bo
     return depth * (per_block + 4 * d * ssf) + 4 * d * ssf
 
 
-@pytest.mark.usefixtures("registered_preset")
 def test_vit_b_preset_count_is_exactly_the_spec() -> None:
     spec = get_preset("rlrr")
     assert spec.head == "train" and spec.train is None and spec.preset == "rlrr"

@@ -20,7 +20,6 @@ from torch import nn
 import restune
 import restune.tuners.snell  # noqa: F401  (registers the tuner)
 from restune.parity_checks.snell import CHECKS
-from restune.presets import presets, register_preset
 from restune.sites import find_sites
 from restune.tuners.snell import PRESETS, Snell, SnellConfig, kernel_delta, linear_quantile, sparsify
 
@@ -28,10 +27,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 Tensor = torch.Tensor
 STEMS = ["snell_linear_sparse", "snell_linear_klora"]
-
-for _name, _build in PRESETS.items():  # the lead wires these for real; register here only if missing
-    if _name not in presets():
-        register_preset(_name, _build)
 
 
 def run_fixture(base: Path) -> dict[str, Any]:
