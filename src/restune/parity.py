@@ -80,19 +80,31 @@ def _check_res_adapter(meta: dict[str, Any], t: dict[str, torch.Tensor]) -> dict
         activation=_activation_name(cfg.get("activation")),
         scale=cfg.get("adapter_weight") or "none",
         dtype=torch.float32,
-    ).eval()
+    )
+    return _run_module(module, meta, t, "inputs.x", "outputs.y")[0].result()
+
+
+def _run_module(
+    module: nn.Module, meta: dict[str, Any], t: dict[str, torch.Tensor], input_key: str, output_key: str
+) -> tuple[Comparison, torch.Tensor]:
+    """Run a module on a fixture and compare its output and every stored gradient.
+
+    The fixture's ``tuner.*`` tensors are copied into the module's parameters of the same names; the loss is the
+    fixture's cotangent product; a gradient name is either a tuner parameter's or the input's.
+    """
     _copy_named(module, t, "tuner.")
-    x = t["inputs.x"].clone().requires_grad_(True)
-    y = module(x)
-    (y * t["inputs.cotangent"]).sum().backward()
+    module.eval()
+    inputs = t[input_key].clone().requires_grad_(True)
+    output = module(inputs)
+    (output * t["inputs.cotangent"]).sum().backward()
     cmp = Comparison(meta["tolerance"])
-    cmp.add("outputs.y", y, t["outputs.y"], "outputs")
+    cmp.add(output_key, output, t[output_key], "outputs")
     params = dict(module.named_parameters())
     for name in meta["grads"]:
         target = name[len("grads.") :]
-        actual = x.grad if target == "inputs.x" else params[target[len("tuner.") :]].grad
+        actual = inputs.grad if target == input_key else params[target[len("tuner.") :]].grad
         cmp.add(name, actual, t[name], "grads")
-    return cmp.result()
+    return cmp, inputs
 
 
 def _copy_named(module: nn.Module, t: dict[str, torch.Tensor], prefix: str) -> None:
@@ -178,16 +190,7 @@ def _check_bypass(meta: dict[str, Any], t: dict[str, torch.Tensor]) -> dict[str,
     backbone = build_fixture_vit(meta, t)
     config = BypassConfig(bottleneck=cfg["adapter_length"], zero_init_last=bool(cfg.get("zero_init_last", False)))
     model = Bypass(backbone.requires_grad_(True), config, num_classes=meta["config"]["vit"]["num_classes"])
-    _copy_named(model, t, "tuner.")
-    model.eval()
-    images = t["inputs.images"].clone().requires_grad_(True)
-    logits = model(images)
-    (logits * t["inputs.cotangent"]).sum().backward()
-    cmp = Comparison(meta["tolerance"])
-    cmp.add("outputs.logits", logits, t["outputs.logits"], "outputs")
-    params = dict(model.named_parameters())
-    for name in meta["grads"]:
-        cmp.add(name, params[name[len("grads.tuner.") :]].grad, t[name], "grads")
+    cmp, images = _run_module(model, meta, t, "inputs.images", "outputs.logits")
     leaked = [n for n, p in backbone.named_parameters() if p.grad is not None] + ["images"] * (images.grad is not None)
     if leaked:
         cmp.failures.append(f"gradient reached the backbone or the images: {leaked[:5]}")
