@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, ClassVar
@@ -190,11 +189,6 @@ def config_from_dict(data: dict[str, Any]) -> TunerConfig:
     if unknown:
         raise ValueError(f"{entry.name}: unknown option(s) {unknown}; allowed: {sorted(known)}")
     return entry.config_cls(**data)
-
-
-def as_list(values: str | Sequence[str]) -> list[str]:
-    """A list from a single string or a sequence of strings."""
-    return [values] if isinstance(values, str) else list(values)
 
 
 def default_sites(pattern: str | list[str]) -> Any:
