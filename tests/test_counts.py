@@ -41,6 +41,11 @@ TABLE: dict[str, tuple[int, int, int]] = {
     "snell_16": (2_654_976, 2_693_021, 2_835_383),
     "snell_32": (5_309_184, 5_347_229, 5_489_591),
     "snell": (5_309_184, 5_347_229, 5_489_591),
+    "vpt_shallow": (38_400, 76_445, 218_807),
+    "vpt_deep": (460_800, 498_845, 641_207),
+    "adapter": (156_768, 194_813, 337_175),
+    "adaptformer": (156_768, 194_813, 337_175),
+    "prefix": (184_320, 222_365, 364_727),
 }
 # Presets that train backbone tensors rather than add tuner modules.
 TRAINS_BACKBONE = {"bitfit", "full"}
@@ -107,6 +112,12 @@ FORMULAS: dict[str, Callable[[int, int], int]] = {
     "snell_16": lambda d, n: n * 18 * d * 16 + d,
     "snell_32": lambda d, n: n * 18 * d * 32 + d,
     "snell": lambda d, n: n * 18 * d * 32 + d,
+    # baselines.md §2-5: 50 prompt tokens (shallow: once, deep: per block); r = 8 bottlenecks; l = 10 keys and values.
+    "vpt_shallow": lambda d, n: 50 * d,
+    "vpt_deep": lambda d, n: n * 50 * d,
+    "adapter": lambda d, n: n * (2 * d * 8 + 8 + d),
+    "adaptformer": lambda d, n: n * (2 * d * 8 + 8 + d),
+    "prefix": lambda d, n: n * 2 * 10 * d,
 }
 
 

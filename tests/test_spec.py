@@ -271,6 +271,11 @@ def test_presets_listed() -> None:
         "snell_16",
         "snell_32",
         "snell",
+        "vpt_shallow",
+        "vpt_deep",
+        "adapter",
+        "adaptformer",
+        "prefix",
     ]
 
 

@@ -10,11 +10,17 @@ user's own loop keep working, and disabling the tuners is a flag, not a model su
 - ``AttentionHost`` (attention-branch tuners): captures the backbone's own query from ``qkv`` (before any tuner
   delta), and adds s * P W_o. When s is one number and ``proj`` carries no tuner, the branch is added to the input
   of ``proj`` so the backbone's W_o product is shared (exact, as W_o is linear); otherwise it is projected through
-  the frozen W_o separately and added to the attention output.
+  the frozen W_o separately and added to the attention output. Tuners that join the softmax (classic prefix tuning)
+  replace the input of ``proj`` with attention over their keys and values concatenated before the backbone's (the
+  q, k, v it uses are those the attention computed, tuner deltas included).
+- ``TokenHost`` (token tuners, VPT): puts prompt tokens after the prefix tokens before the first tuned block,
+  replaces them before each later tuned block, and takes them out after the final ``norm``, so ``forward_features``
+  returns the usual sequence.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -24,7 +30,7 @@ from torch.utils.hooks import RemovableHandle
 
 from restune.tuners.base import Binding, Tuner
 
-__all__ = ["TunerStore", "TunerSet", "ModuleHost", "AttentionHost"]
+__all__ = ["TunerStore", "TunerSet", "ModuleHost", "AttentionHost", "TokenHost"]
 
 
 class TunerSet(nn.Module):
@@ -113,7 +119,7 @@ class ModuleHost:
     2. the module runs; observers see its untouched output (the attention branch's query capture);
     3. parallel and weight-delta tuners add their outputs, computed from the (transformed) input; a tuner on a
        virtual q/k/v site adds to its row block only;
-    4. ``after`` affine tuners transform the result (SSF-style).
+    4. ``after`` affine and sequential tuners transform the result (SSF, NOAH's adapter).
     """
 
     def __init__(self, store: TunerStore, module: nn.Module) -> None:
@@ -138,7 +144,7 @@ class ModuleHost:
         self.handles = []
 
     def add(self, set_name: str, tuner: Tuner, rows: tuple[int, int] | None) -> None:
-        if tuner.binding is Binding.AFFINE:
+        if tuner.binding in (Binding.AFFINE, Binding.SEQUENTIAL):
             side = self.before if tuner.position == "before" else self.after
             side.setdefault(set_name, []).append(tuner)
         else:
@@ -199,20 +205,23 @@ class ModuleHost:
 
 
 class AttentionHost:
-    """Adds attention-branch tuners (Res-Prefix, Res-Prompt) beside a timm ``Attention``'s own computation."""
+    """Adds attention-branch tuners (Res-Prefix, Res-Prompt, prefix tuning) to a timm ``Attention``'s computation."""
 
     def __init__(self, store: TunerStore, attention: nn.Module) -> None:
         self.store = store
         self.attention = attention
         self.entries: dict[str, list[Tuner]] = {}
         self._query: torch.Tensor | None = None
+        self._qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._injected = False
         store.host(attention.qkv, ModuleHost).observers.append(self._capture_query)
         self.handles: list[RemovableHandle] = []
         self.attach()
 
     def attach(self) -> None:
+        # Registered after the qkv host's own hook, so it sees qkv's output with the tuner deltas added.
         self.handles = [
+            self.attention.qkv.register_forward_hook(self._capture_qkv),
             self.attention.proj.register_forward_pre_hook(self._inject),
             self.attention.register_forward_hook(self._add_after),
         ]
@@ -225,13 +234,40 @@ class AttentionHost:
     def add(self, set_name: str, tuner: Tuner) -> None:
         self.entries.setdefault(set_name, []).append(tuner)
 
-    def _capture_query(self, output: torch.Tensor) -> None:
-        if not self.store.active_entries(self):
-            return
+    def _split_heads(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         attention = self.attention
         width = output.shape[-1] // 3
-        query = output[..., :width].unflatten(-1, (attention.num_heads, width // attention.num_heads))
-        self._query = attention.q_norm(query.transpose(1, 2))
+        q, k, v = output.unflatten(-1, (3, attention.num_heads, width // attention.num_heads)).permute(2, 0, 3, 1, 4)
+        return attention.q_norm(q), attention.k_norm(k), v
+
+    def _capture_query(self, output: torch.Tensor) -> None:
+        if any(not tuner.joins_softmax for tuner in self.store.active_entries(self)):
+            attention = self.attention
+            width = output.shape[-1] // 3
+            query = output[..., :width].unflatten(-1, (attention.num_heads, width // attention.num_heads))
+            self._query = attention.q_norm(query.transpose(1, 2))
+
+    def _capture_qkv(self, qkv: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if any(tuner.joins_softmax for tuner in self.store.active_entries(self)):
+            self._qkv = self._split_heads(output)
+
+    def _joined_attention(self, tuners: list[Tuner]) -> torch.Tensor:
+        """Attention over [tuner keys; backbone keys] (and values), in the layout ``proj`` reads."""
+        if self._qkv is None:
+            raise RuntimeError(f"{type(self.attention).__name__}: q, k, v were not captured; was qkv bypassed?")
+        attention = self.attention
+        q, k, v = self._qkv
+        batch, heads, tokens, head_dim = q.shape
+        keys, values = [], []
+        for tuner in tuners:
+            extra_k, extra_v = tuner.keys_values(attention)
+            keys.append(extra_k.to(q.dtype).view(1, -1, heads, head_dim).transpose(1, 2).expand(batch, -1, -1, -1))
+            values.append(extra_v.to(q.dtype).view(1, -1, heads, head_dim).transpose(1, 2).expand(batch, -1, -1, -1))
+        drop = attention.attn_drop.p if attention.training and isinstance(attention.attn_drop, nn.Dropout) else 0.0
+        out = F.scaled_dot_product_attention(
+            q, torch.cat([*keys, k], dim=2), torch.cat([*values, v], dim=2), dropout_p=drop
+        )
+        return attention.norm(out.transpose(1, 2).reshape(batch, tokens, heads * head_dim))
 
     def _can_share_projection(self) -> bool:
         drop = self.attention.proj_drop
@@ -240,25 +276,94 @@ class AttentionHost:
 
     def _inject(self, proj: nn.Module, args: tuple) -> tuple | None:
         entries = self.store.active_entries(self)
-        if not entries or self._query is None or not self._can_share_projection():
-            return None
-        if not all(tuner.scale.is_scalar for tuner in entries):
-            return None
-        x = args[0]
-        for tuner in entries:
-            x = x + tuner.scale(tuner.branch(self._query, self.attention))
-        self._injected = True
-        return (x, *args[1:])
+        joined = [tuner for tuner in entries if tuner.joins_softmax]
+        branches = [tuner for tuner in entries if not tuner.joins_softmax]
+        x = self._joined_attention(joined) if joined else args[0]
+        self._qkv = None
+        share = branches and self._query is not None and self._can_share_projection()
+        if share and all(tuner.scale.is_scalar for tuner in branches):
+            for tuner in branches:
+                x = x + tuner.scale(tuner.branch(self._query, self.attention))
+            self._injected = True
+        return (x, *args[1:]) if joined or self._injected else None
 
     def _add_after(self, attention: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        entries = self.store.active_entries(self)
+        branches = [tuner for tuner in self.store.active_entries(self) if not tuner.joins_softmax]
         query, injected = self._query, self._injected
-        self._query, self._injected = None, False
-        if not entries or injected:
+        self._query, self._qkv, self._injected = None, None, False
+        if not branches or injected:
             return None
         if query is None:
             raise RuntimeError(f"{type(attention).__name__}: the query was not captured; was qkv bypassed?")
-        for tuner in entries:
+        for tuner in branches:
             branch = F.linear(tuner.branch(query, attention), attention.proj.weight)
             output = output + tuner.scale(branch)
         return output
+
+
+class TokenHost:
+    """Runs the token tuners (VPT) of a timm ``VisionTransformer``.
+
+    Before the first block that carries a token tuner of the active set, its tokens go in after the model's prefix
+    tokens (the class token); before each later such block, the tokens at those positions are replaced by that
+    block's own (VPT-deep). A hook on the final ``norm`` takes them out again (LayerNorm is per token, so removing
+    them after it equals removing them before), so ``forward_features`` and everything after it see the usual shape.
+    """
+
+    def __init__(self, store: TunerStore, model: nn.Module) -> None:
+        self.store = store
+        self.model = model
+        self.entries: dict[str, dict[int, Tuner]] = {}
+        self._inserted = 0  # prompt tokens in the sequence of the forward pass now running
+        self.handles: list[RemovableHandle] = []
+        self.attach()
+
+    def attach(self) -> None:
+        self.handles = [
+            block.register_forward_pre_hook(functools.partial(self._before_block, index))
+            for index, block in enumerate(self.model.blocks)
+        ]
+        self.handles.append(self.model.norm.register_forward_hook(self._after_norm))
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def add(self, set_name: str, tuner: Tuner, layer: int) -> None:
+        table = self.entries.setdefault(set_name, {})
+        if layer in table:
+            raise ValueError(f"tuner set {set_name!r} has two token tuners on blocks.{layer}; use one per block")
+        table[layer] = tuner
+
+    def _active(self) -> dict[int, Tuner]:
+        if not self.store.enabled or self.store.active is None:
+            return {}
+        return self.entries.get(self.store.active, {})
+
+    def _before_block(self, index: int, block: nn.Module, args: tuple) -> tuple | None:
+        table = self._active()
+        tuner = table.get(index)
+        if tuner is None:
+            return None
+        x = args[0]
+        prefix = self.model.num_prefix_tokens
+        tokens = tuner(x.shape[0]).to(x.dtype)
+        if index == min(table):
+            rest = x[:, prefix:]
+        elif self._inserted == tokens.shape[1]:
+            rest = x[:, prefix + self._inserted :]
+        else:
+            raise RuntimeError(
+                f"blocks.{index}: expected {tokens.shape[1]} prompt tokens from blocks.{min(table)}, found "
+                f"{self._inserted}; run the model from its input (forward or forward_features), not block by block"
+            )
+        self._inserted = tokens.shape[1]
+        return (torch.cat([x[:, :prefix], tokens, rest], dim=1), *args[1:])
+
+    def _after_norm(self, norm: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        inserted, self._inserted = self._inserted, 0
+        if not inserted or not self._active():
+            return None
+        prefix = self.model.num_prefix_tokens
+        return torch.cat([output[:, :prefix], output[:, prefix + inserted :]], dim=1)

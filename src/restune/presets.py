@@ -18,10 +18,14 @@ from restune.tuners import (
     ResPrefixConfig,
     ResPromptConfig,
     SSFConfig,
+    adaptformer,
     arc,
     hta,
+    prefix_tuning,
     rlrr,
+    sequential_adapter,
     snell,
+    vpt,
 )
 
 __all__ = ["presets", "get_preset", "register_preset"]
@@ -65,7 +69,8 @@ register_preset("bitfit", lambda: TuneSpec([], train=r".*\.bias"))  # 102,912: e
 register_preset("linear", lambda: TuneSpec([]))  # 0: the head alone
 register_preset("full", lambda: TuneSpec([], train=r".*"))  # 85,798,656: everything
 
-# Issue-5 methods: each tuner file defines its presets next to its defaults (rlrr.md, arc.md, hta.md, snell.md).
-for _module in (rlrr, arc, hta, snell):
+# The other methods keep their presets next to their defaults, in their own files (the specs of each method, and
+# baselines.md for VPT, the sequential adapter, AdaptFormer and prefix tuning).
+for _module in (rlrr, arc, hta, snell, vpt, sequential_adapter, adaptformer, prefix_tuning):
     for _name, _build in _module.PRESETS.items():
         register_preset(_name, _build)

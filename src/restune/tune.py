@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from restune.binding import AttentionHost, ModuleHost, TunerSet, TunerStore
+from restune.binding import AttentionHost, ModuleHost, TokenHost, TunerSet, TunerStore
 from restune.sites import STORE_ATTR, Site, find_sites, match_sites
 from restune.spec import TuneSpec, resolve_spec
 from restune.tuners.base import Binding, Tuner, get_tuner
@@ -107,10 +107,24 @@ def build_tuners(model: nn.Module, spec: TuneSpec) -> list[tuple[Site, str, Tune
     built = []
     for config in spec.tuners:
         entry = get_tuner(config.type)
+        entry.module_cls.check_model(model)
         matched = match_sites(sites, config.sites, config.layers, entry.module_cls.site_kinds, who=config.type)
         modules = entry.module_cls.build_all(config, matched)
         built += [(site, config.type, module) for site, module in zip(matched, modules, strict=True)]
+    _check_tokens([(site, module) for site, _, module in built if module.binding is Binding.TOKENS])
     return built
+
+
+def _check_tokens(built: list[tuple[Site, Tuner]]) -> None:
+    """One token tuner per block and one prompt length per set: later blocks replace the first block's tokens."""
+    seen: set[str] = set()
+    for site, _ in built:
+        if site.name in seen:
+            raise ValueError(f"two token tuners on {site.name}: a block takes one set of prompt tokens")
+        seen.add(site.name)
+    lengths = {module.length for _, module in built}
+    if len(lengths) > 1:
+        raise ValueError(f"token tuners of one set must share one prompt length, got {sorted(lengths)}")
 
 
 def tune(model: nn.Module, spec: Any, *, name: str = "default") -> nn.Module:
@@ -152,6 +166,8 @@ def tune(model: nn.Module, spec: Any, *, name: str = "default") -> nn.Module:
         tuner_set.add(site.name, tuner_type, module)
         if module.binding is Binding.ATTENTION_BRANCH:
             store.host(site.attention, AttentionHost).add(name, module)
+        elif module.binding is Binding.TOKENS:
+            store.host(model, TokenHost).add(name, module, site.layer)
         else:
             store.host(site.module, ModuleHost).add(name, module, site.rows)
     params = dict(model.named_parameters())

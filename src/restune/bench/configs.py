@@ -123,6 +123,7 @@ CONFIGS: dict[str, Callable[[nn.Module], Runner]] = {
     "peft_lora": _peft_lora,
     "lora": _restune("lora"),
     "res_adapter": _restune("res_adapter"),
+    **{name: _restune(name) for name in ("vpt_shallow", "vpt_deep", "adapter", "adaptformer", "prefix")},
     "bypass": _bypass("res_tuning_bypass", "Bypass"),
     "bypass_attn": _bypass({"lateral": {"type": "res_attn"}}, "Bypass, Res-Attn lateral (class-token queries)"),
     "bypass_attn_all": _bypass({"vertical": {"type": "res_attn"}}, "Bypass, Res-Attn vertical (all tokens)"),

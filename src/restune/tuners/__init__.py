@@ -1,6 +1,21 @@
 """Tuner implementations; importing this package registers every tuner type."""
 
-from restune.tuners import adapter, arc, attention, hta, lora, prefix, prompt, rlrr, snell, ssf  # noqa: F401
+from restune.tuners import (  # noqa: F401
+    adapter,
+    adaptformer,
+    arc,
+    attention,
+    hta,
+    lora,
+    prefix,
+    prefix_tuning,
+    prompt,
+    rlrr,
+    sequential_adapter,
+    snell,
+    ssf,
+    vpt,
+)
 from restune.tuners.adapter import ResAdapter, ResAdapterConfig, SwiftResAdapter
 from restune.tuners.attention import ResAttn, ResAttnConfig
 from restune.tuners.base import Binding, Tuner, TunerConfig, config_from_dict, get_tuner, register_tuner, tuner_names

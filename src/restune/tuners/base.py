@@ -39,6 +39,8 @@ class Binding(str, Enum):
     ATTENTION_BRANCH = "attention_branch"  # an extra attention term inside MHA
     WEIGHT_DELTA = "weight_delta"  # the linear computes with W + dW(theta); mergeable
     AFFINE = "affine"  # a per-channel or linear map of the op's input ("before") or output ("after")
+    SEQUENTIAL = "sequential"  # R(OP(x)): a module applied to the op's output, inside the branch (NOAH's adapter)
+    TOKENS = "tokens"  # learnable tokens put into the sequence before a block and taken out after the final norm
 
 
 @dataclass
@@ -101,18 +103,28 @@ class Tuner(nn.Module):
     site's device and dtype, and implements the method its binding calls:
 
     - parallel and weight-delta tuners: ``forward(x)`` returns what is added to the site's output;
-    - attention-branch tuners: ``branch(q, attention)`` returns the extra attention term before ``W_o``.
+    - attention-branch tuners: ``branch(q, attention)`` returns the extra attention term before ``W_o``; those that
+      set ``joins_softmax`` instead give ``keys_values(attention)`` that join the backbone's own keys and values;
+    - sequential tuners: ``forward(output)`` returns the site's new output;
+    - token tuners: ``forward(batch)`` returns the (batch, length, D) tokens to put in the sequence.
+
+    ``check_model`` lets a tuner refuse a model it cannot work on before anything is attached.
     """
 
     binding: ClassVar[Binding]
     site_kinds: ClassVar[frozenset[str]]
     position: str = "after"  # affine tuners only: transform the site's input ("before") or output ("after")
     mixes_tokens: ClassVar[bool] = False  # True when one token's output depends on other tokens (attention)
+    joins_softmax: ClassVar[bool] = False  # attention-branch tuners whose keys join the backbone's softmax
 
     def __init__(self, config: TunerConfig, site: Site) -> None:
         super().__init__()
         self.config = config
         self.site_name = site.name
+
+    @classmethod
+    def check_model(cls, model: nn.Module) -> None:
+        """Raise a ValueError naming the problem if this tuner cannot work on ``model`` (default: any model)."""
 
     @classmethod
     def build_all(cls, config: TunerConfig, sites: list[Site]) -> list[Tuner]:
