@@ -1,4 +1,4 @@
-"""The ``restune`` command: ``restune info``, ``restune demo`` and ``restune bench``."""
+"""The ``restune`` command: ``info``, ``demo``, ``bench``, and the harness: ``train``, ``eval``, ``sweep``, ``plot``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import timm
 import torch
 
 import restune
+from restune.harness.cli import COMMANDS, add_commands, run_command
 from restune.report import report
 from restune.tune import backbone_parameters
 from restune.tuners.base import get_tuner, tuner_names
@@ -75,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--tasks", type=int, nargs="+", default=[1, 5, 19], help="task counts for multitask")
     p_bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p_bench.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
+    add_commands(commands)
     return parser
 
 
@@ -118,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "bench":
         return bench(args)
+    if args.command in COMMANDS:
+        return run_command(args)
     from restune.demo import DEFAULT_PRESETS, format_results, run_demo
 
     chosen = tuple(args.presets or DEFAULT_PRESETS)

@@ -1,0 +1,1 @@
+"""The training harness: recipes, the training loop, sweeps, tables and plots (``restune train|eval|sweep|plot``)."""

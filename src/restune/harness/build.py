@@ -1,0 +1,98 @@
+"""What a run trains: the backbone with its tuners (or a Bypass), its data and its optimizer groups.
+
+Kept apart from the loop so ``restune eval`` rebuilds exactly the model a run trained.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+from torchvision import transforms
+
+import restune
+from restune import backbones
+from restune.bypass import Bypass, bypass_presets
+from restune.data import VTAB_GROUPS, build_transform, open_dataset
+from restune.harness.config import TrainConfig
+from restune.harness.recipes import Recipe
+
+__all__ = ["bypass_spec", "build_model", "head_of", "transforms_for", "open_split", "param_groups", "count"]
+
+
+def bypass_spec(tuner: str) -> str | dict[str, Any] | None:
+    """The Bypass spec a ``--tuner`` value names (a bypass preset, or a YAML file with ``type: bypass``), else None."""
+    if tuner in bypass_presets():
+        return tuner
+    if tuner.endswith((".yaml", ".yml")) and Path(tuner).is_file():
+        data = yaml.safe_load(Path(tuner).read_text())
+        if isinstance(data, dict) and data.get("type") == "bypass":
+            return data
+    return None
+
+
+def build_model(config: TrainConfig, num_classes: int, recipe: Recipe) -> nn.Module:
+    """The backbone (pretrained from a local file, or shipped with restune) with the run's tuner attached."""
+    kwargs: dict[str, Any] = {"num_classes": num_classes, "drop_path_rate": recipe.drop_path}
+    if config.img_size:
+        kwargs["img_size"] = config.img_size
+    if config.pretrained_file is None and backbones.shipped_weights(config.model) is None:
+        warnings.warn(
+            f"{config.model}: no --pretrained-file, so the backbone is randomly initialised (restune never downloads "
+            "weights); pass a local .safetensors, .pth or .npz file",
+            stacklevel=2,
+        )
+    backbone = backbones.create(config.model, pretrained_file=config.pretrained_file, pretrained=True, **kwargs)
+    spec = bypass_spec(config.tuner)
+    model = (
+        Bypass(backbone, spec, num_classes=num_classes) if spec is not None else restune.tune(backbone, config.tuner)
+    )
+    if recipe.zero_head:  # RLRR, ARC and HTA code start from a zero head
+        with torch.no_grad():
+            for param in head_of(model).parameters():
+                param.zero_()
+    return model
+
+
+def head_of(model: nn.Module) -> nn.Module:
+    """The classifier head of a tuned timm model or of a Bypass."""
+    return model.head if isinstance(model, Bypass) else model.get_classifier()
+
+
+def transforms_for(model: nn.Module, recipe: Recipe) -> tuple[Any, Any]:
+    """(train, eval) transforms: direct bicubic resize and the recipe's normalisation; flips only where it says."""
+    evaluation = build_transform(model, normalization=recipe.normalization)
+    training = transforms.Compose([transforms.RandomHorizontalFlip(), evaluation]) if recipe.hflip else evaluation
+    return training, evaluation
+
+
+def open_split(config: TrainConfig, split: str, transform: Any = None, num_classes: int | None = None) -> Any:
+    """One split of the run's task; labels are checked against the run's class count (see ``TrainConfig``)."""
+    if not config.data_dir or not config.dataset:
+        raise ValueError("--data-dir and --dataset are required: the folder holding the task folders, and the task")
+    known = VTAB_GROUPS[config.dataset].num_classes if config.dataset in VTAB_GROUPS else None
+    classes = num_classes or config.num_classes or known
+    return open_dataset(config.data_dir, config.dataset, split, transform, num_classes=classes)
+
+
+def param_groups(model: nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
+    """AdamW groups: the trainable tensors, with the recipe's weight-decay exemptions in a group of their own."""
+    decay, exempt = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (exempt if any(part in name for part in recipe.no_decay) else decay).append(param)
+    groups = [{"params": decay, "weight_decay": recipe.weight_decay}]
+    if exempt:
+        groups.append({"params": exempt, "weight_decay": 0.0})
+    return groups
+
+
+def count(model: nn.Module) -> tuple[int, int]:
+    """(trainable parameters with the head, the head's trainable parameters)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    head = sum(p.numel() for p in head_of(model).parameters() if p.requires_grad)
+    return trainable, head
