@@ -2,7 +2,8 @@
 
 Nothing is ever downloaded. Weights come from a ``.safetensors`` or ``.pth`` file through timm's
 ``pretrained_cfg_overlay=dict(file=...)`` (``.pth`` read with ``weights_only=True``: no pickle code runs), or from a
-Google ``.npz`` through timm's own npz loader (``model.load_pretrained``).
+Google ``.npz`` through timm's own npz loader (``model.load_pretrained``), or, for ``restune_vit_tiny``, from the
+weights shipped inside the package (``pretrained=True``; see ``restune/weights/restune_vit_tiny.md``).
 """
 
 from __future__ import annotations
@@ -16,24 +17,36 @@ import timm
 import torch
 from torch import nn
 
-__all__ = ["create", "feature_keys", "block_features"]
+from restune.pretraining.model import MODEL_NAME, WEIGHTS  # importing it registers restune_vit_tiny with timm
+
+__all__ = ["create", "feature_keys", "block_features", "shipped_weights"]
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
+
+
+def shipped_weights(name: str) -> Path | None:
+    """The weight file shipped inside restune for ``name`` (any ``.tag``), or None when restune ships none for it."""
+    return WEIGHTS if name.split(".")[0] == MODEL_NAME else None
 
 
 def create(name: str, *, pretrained_file: str | os.PathLike | None = None, **kwargs: Any) -> nn.Module:
     """Create a timm model by name, optionally with pretrained weights from a local file.
 
     Args:
-        name: a timm model name, e.g. ``vit_base_patch16_224.orig_in21k``.
-        pretrained_file: local weights; None gives a randomly initialised model.
-        **kwargs: passed to ``timm.create_model`` (``num_classes``, ``drop_path_rate``, ...).
+        name: a timm model name, e.g. ``vit_base_patch16_224.orig_in21k``, or ``restune_vit_tiny``.
+        pretrained_file: local weights; None gives a randomly initialised model, except as below.
+        **kwargs: passed to ``timm.create_model`` (``num_classes``, ``drop_path_rate``, ...). ``pretrained=True``
+            matters only for a model whose weights ship with restune (``restune_vit_tiny``): with no
+            ``pretrained_file`` it loads the shipped file. For any other model ``pretrained`` is ignored, as before,
+            because restune never downloads: pass ``pretrained_file``.
 
     Returns:
         The model. As in timm, the file's head is used only when ``num_classes`` equals the pretrained config's;
         otherwise the head is newly initialised (the usual case when adapting to a new task).
     """
-    kwargs.pop("pretrained", None)
+    pretrained = bool(kwargs.pop("pretrained", False))
+    if pretrained_file is None and pretrained:
+        pretrained_file = shipped_weights(name)
     if pretrained_file is None:
         return timm.create_model(name, pretrained=False, **kwargs)
     path = Path(pretrained_file)

@@ -60,11 +60,16 @@ def _parser() -> argparse.ArgumentParser:
     p_info = commands.add_parser("info", help="list tuners and presets with their trainable counts")
     p_info.add_argument("--model", default="vit_base_patch16_224", help="timm model name (built on the meta device)")
     p_info.add_argument("--num-classes", type=int, default=100, help="classes of the concrete head")
-    p_demo = commands.add_parser("demo", help="placeholder main job: tune presets briefly on synthetic images")
-    p_demo.add_argument("--steps", type=int, default=30, help="optimizer steps per preset")
-    p_demo.add_argument("--batch-size", type=int, default=32)
+    p_demo = commands.add_parser("demo", help="adapt the shipped pretrained ViT to an offline task (a few minutes)")
+    p_demo.add_argument("--output", default="restune-demo", help="folder for the data, runs, table and chart")
+    p_demo.add_argument("--task", default=None, help="a task of the offline suite (default: remote)")
+    p_demo.add_argument("--epochs", type=int, default=5)
     p_demo.add_argument("--seed", type=int, default=0)
-    p_demo.add_argument("--presets", nargs="+", default=None, help="presets to run (default: all of this issue's)")
+    p_suite = commands.add_parser("suite", help="write the offline VTAB-style suite in the VTAB-1k folder format")
+    p_suite.add_argument("--output", default="restune-suite", help="folder to write the task folders into")
+    p_suite.add_argument("--tasks", nargs="+", default=None, help="tasks to write (default: all)")
+    p_suite.add_argument("--seed", type=int, default=0)
+    p_suite.add_argument("--test-size", type=int, default=500, help="test images per task")
     p_bench = commands.add_parser("bench", help="memory, speed, multi-task and merge benchmarks against peers")
     p_bench.add_argument("what", choices=["memory", "speed", "multitask", "merge", "all"])
     p_bench.add_argument("--model", default="vit_base_patch16_224", help="timm model (randomly initialised)")
@@ -122,17 +127,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return bench(args)
     if args.command in COMMANDS:
         return run_command(args)
-    from restune.demo import DEFAULT_PRESETS, format_results, run_demo
+    if args.command == "suite":
+        from restune.suite import TASKS, write_suite
 
-    chosen = tuple(args.presets or DEFAULT_PRESETS)
-    unknown = [name for name in chosen if name not in restune.presets()]
-    if unknown:
-        raise SystemExit(f"restune demo: unknown preset(s) {unknown}; presets: {', '.join(restune.presets())}")
-    print("restune demo (placeholder): a small randomly initialised ViT tuned on synthetic images;")
-    print("it shows the mechanics, not transfer. The pretrained demo arrives with the shipped backbone.\n")
-    results = run_demo(chosen, steps=args.steps, batch=args.batch_size, seed=args.seed)
-    print(format_results(results))
-    return 0
+        unknown = sorted(set(args.tasks or []) - set(TASKS))
+        if unknown:
+            raise SystemExit(f"restune suite: unknown task(s) {unknown}; the suite has {', '.join(TASKS)}")
+        written = write_suite(args.output, tasks=args.tasks, seed=args.seed, test_size=args.test_size)
+        print("\n".join(f"{name}: {folder}" for name, folder in written.items()))
+        return 0
+    from restune.demo import DEMO_TASK, main_demo
+    from restune.suite import TASKS
+
+    task = args.task or DEMO_TASK
+    if task not in TASKS:
+        raise SystemExit(f"restune demo: unknown task {task!r}; the offline suite has {', '.join(TASKS)}")
+    return main_demo(args.output, task=task, epochs=args.epochs, seed=args.seed)
 
 
 if __name__ == "__main__":

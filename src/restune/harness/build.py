@@ -40,13 +40,16 @@ def build_model(config: TrainConfig, num_classes: int, recipe: Recipe) -> nn.Mod
     kwargs: dict[str, Any] = {"num_classes": num_classes, "drop_path_rate": recipe.drop_path}
     if config.img_size:
         kwargs["img_size"] = config.img_size
-    if config.pretrained_file is None and backbones.shipped_weights(config.model) is None:
+    if config.random_init and config.pretrained_file is not None:
+        raise ValueError("random_init and pretrained_file contradict each other; drop one")
+    if config.pretrained_file is None and backbones.shipped_weights(config.model) is None and not config.random_init:
         warnings.warn(
             f"{config.model}: no --pretrained-file, so the backbone is randomly initialised (restune never downloads "
             "weights); pass a local .safetensors, .pth or .npz file",
             stacklevel=2,
         )
-    backbone = backbones.create(config.model, pretrained_file=config.pretrained_file, pretrained=True, **kwargs)
+    pretrained = not config.random_init
+    backbone = backbones.create(config.model, pretrained_file=config.pretrained_file, pretrained=pretrained, **kwargs)
     spec = bypass_spec(config.tuner)
     model = (
         Bypass(backbone, spec, num_classes=num_classes) if spec is not None else restune.tune(backbone, config.tuner)

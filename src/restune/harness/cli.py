@@ -24,6 +24,7 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--model", help="timm model name (default restune_vit_tiny, shipped pretrained)")
     model.add_argument("--pretrained-file", help="local .safetensors/.pth (timm file overlay) or Google .npz weights")
     model.add_argument("--img-size", type=int, help="input size, when not the model's default")
+    model.add_argument("--random-init", action="store_true", default=None, help="ignore shipped weights (baseline)")
     data = parser.add_argument_group("data")
     data.add_argument("--data-dir", help="folder holding the task folders (VTAB-1k lists or ImageFolder trees)")
     data.add_argument("--num-classes", type=int, help="head size, checked against the labels (default: inferred)")

@@ -50,6 +50,7 @@ class TrainConfig:
     Attributes:
         model: a timm model name (``restune_vit_tiny`` loads the weights shipped with restune).
         pretrained_file: local .safetensors/.pth (timm's file overlay) or Google .npz weights; none: random init.
+        random_init: start from random weights even where restune ships pretrained ones (the transfer baseline).
         tuner: a preset, a bypass preset (``res_tuning_bypass``) or a YAML spec path.
         recipe: ``default`` (FacT/NOAH) or ``paper`` (the method's own code base, where known).
         data_dir, dataset: the folder holding the task folders, and the task.
@@ -65,6 +66,7 @@ class TrainConfig:
 
     model: str = "restune_vit_tiny"
     pretrained_file: str | None = None
+    random_init: bool = False
     tuner: str = "res_tuning"
     recipe: str = "default"
     data_dir: str | None = None

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from restune.data import VTAB_GROUPS
+from restune.harness.build import bypass_spec
 from restune.harness.config import TrainConfig, parse_scalar
 from restune.harness.loop import _write_summary, train
 from restune.harness.tables import collect, sweep_table
@@ -90,7 +91,10 @@ def sweep(
     run_dirs = []
     for task, preset in itertools.product(tasks, presets):
         folder = output / "runs" / task / preset
-        config = dataclasses.replace(base, dataset=task, tuner=preset, output=str(folder), resume=False)
+        cached = base.bypass_cache and bypass_spec(preset) is not None  # --bypass-cache applies to bypass presets
+        config = dataclasses.replace(
+            base, dataset=task, tuner=preset, output=str(folder), resume=False, bypass_cache=cached
+        )
         if base.protocol == "val":
             point = _selected(config, grid or {}, output / "select" / task / preset)
             config = dataclasses.replace(config, protocol="final", **point)
