@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 from conftest import make_images, make_vit
-from vtab_folders import make_vtab_task
+from vtab_folders import make_imagefolder_task, make_vtab_task
 
 import restune
 from restune.cli import main
@@ -304,3 +304,14 @@ def test_every_trainable_tensor_is_used_so_ddp_needs_no_unused_parameter_search(
     model(make_images(3, batch=2)).logsumexp(-1).sum().backward()
     unused = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not unused
+
+
+def test_imagefolder_trees_train_like_vtab_folders(tmp_path: Path) -> None:
+    make_imagefolder_task(tmp_path / "fgvc", "birds", num_classes=3, seed=4)
+    run = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        argv = ["train", *BASE, "--data-dir", str(tmp_path / "fgvc"), "--dataset", "birds", "--output", str(run)]
+        assert main([*argv, "--tuner", "lora", "--epochs", "1"]) == 0
+    row = summary(run)
+    assert row["num_classes"] == "3" and int(row["test_images"]) > 0
