@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from restune.harness.build import build_model, open_split, transforms_for
+from restune.harness.build import build_model, count, open_split, transforms_for
 from restune.harness.config import TrainConfig, resolved_recipe
 from restune.harness.loop import atomic_write_text, train
 from restune.harness.memory import saved_for_backward
@@ -74,9 +74,8 @@ def _memory(config: TrainConfig, num_classes: int) -> tuple[int, int, int]:
     images = torch.stack([dataset[i][0] for i in range(MEMORY_BATCH)])
     labels = torch.tensor([dataset[i][1] for i in range(MEMORY_BATCH)])
     saved = saved_for_backward(model, lambda: model(images), labels)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    head = model.head if hasattr(model, "head") else model.get_classifier()
-    return saved, trainable, trainable - sum(p.numel() for p in head.parameters())
+    trainable, head = count(model)
+    return saved, trainable, trainable - head
 
 
 def run_demo(
