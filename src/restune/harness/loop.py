@@ -34,7 +34,7 @@ from restune.harness.build import build_model, count, head_of, open_split, param
 from restune.harness.config import TrainConfig, resolved_recipe
 from restune.harness.recipes import Recipe
 
-__all__ = ["train", "lr_at", "SUMMARY_FIELDS", "evaluate", "atomic_write_text"]
+__all__ = ["train", "lr_at", "SUMMARY_FIELDS", "evaluate", "atomic_write_text", "write_summary"]
 
 SUMMARY_FIELDS = [
     "task", "preset", "model", "protocol", "metric", "accuracy", "best_epoch", "epochs", "trainable",
@@ -185,7 +185,8 @@ def _summary(config: TrainConfig, recipe: Recipe, model: nn.Module, history: lis
     return dict(zip(SUMMARY_FIELDS, values, strict=True))
 
 
-def _write_summary(path: Path, row: dict) -> None:
+def write_summary(path: Path, row: dict) -> None:
+    """Write a run's one-row summary.csv atomically (the sweep rewrites it to name the val protocol)."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=SUMMARY_FIELDS, lineterminator="\n")
     writer.writeheader()
@@ -280,6 +281,6 @@ def _train(config: TrainConfig, context: distributed.Context) -> dict[str, Any]:
     row = _summary(config, recipe, model, history, len(eval_set))
     if context.is_main:
         restune.save(model, run_dir / "tuners")
-        _write_summary(run_dir / "summary.csv", row)
+        write_summary(run_dir / "summary.csv", row)
     distributed.barrier(context)
     return row

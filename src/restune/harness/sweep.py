@@ -18,7 +18,7 @@ from typing import Any
 from restune.data import VTAB_GROUPS
 from restune.harness.build import bypass_spec
 from restune.harness.config import TrainConfig, parse_scalar
-from restune.harness.loop import _write_summary, train
+from restune.harness.loop import train, write_summary
 from restune.harness.tables import collect, sweep_table
 
 __all__ = ["parse_grid", "sweep", "task_groups", "VAL_METRIC"]
@@ -100,7 +100,7 @@ def sweep(
             config = dataclasses.replace(config, protocol="final", **point)
             row = _run(config)
             row.update(protocol="val", metric=f"{VAL_METRIC}; chosen {_label(point)}")
-            _write_summary(folder / "summary.csv", row)
+            write_summary(folder / "summary.csv", row)
         else:
             _run(config)
         run_dirs.append(folder)
