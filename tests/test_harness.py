@@ -114,6 +114,21 @@ def test_bypass_trains_from_a_feature_cache(data: Path, tmp_path: Path) -> None:
     assert main(["eval", str(run), "--split", "test"]) == 0
 
 
+def test_a_relabelled_list_rebuilds_the_feature_cache(tmp_path: Path) -> None:
+    root = tmp_path / "vtab"
+    make_vtab_task(root, "shapes", num_classes=3, sizes=SIZES, image_size=16, seed=1)
+    run = tmp_path / "run"
+    assert run_train(root, run, "--tuner", "res_tuning_bypass", "--bypass-cache", "--epochs", "1") == 0
+    stored = run / "cache" / "train800val200" / "labels.bin"
+    before = torch.from_file(str(stored), size=len(stored.read_bytes()) // 8, dtype=torch.int64)
+    listing = root / "shapes" / "train800val200.txt"
+    lines = [line.rsplit(" ", 1) for line in listing.read_text().splitlines()]
+    listing.write_text("".join(f"{path} {(int(label) + 1) % 3}\n" for path, label in lines))  # same images, new labels
+    assert run_train(root, run, "--tuner", "res_tuning_bypass", "--bypass-cache", "--epochs", "1", "--resume") == 0
+    after = torch.from_file(str(stored), size=len(before), dtype=torch.int64)
+    assert torch.equal(after, (before + 1) % 3)
+
+
 def test_yaml_config_flags_and_overrides_in_that_order(data: Path, tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text("lr: 0.5\nepochs: 7\nweight-decay: 0.25\n")

@@ -93,14 +93,19 @@ def _to(batch: Any, device: torch.device) -> Any:
 
 
 def _cached(bypass: Bypass, dataset: Any, transform: Any, path: Path, context: distributed.Context) -> Dataset:
-    """Features of a split, extracted once by rank 0 (or reused when the cache on disk matches) and shared."""
-    key = CacheKey.expected(bypass, dataset.items, transform, torch.float32)
+    """Features of a split, extracted once by rank 0 (or reused when the cache on disk matches) and shared.
+
+    The cache is keyed on every item *with its label*: a relabelled list (same images, corrected labels) must not
+    train on the labels stored beside the old features.
+    """
+    items = [f"{item}\t{label}" for item, label in zip(dataset.items, dataset.targets, strict=True)]
+    key = CacheKey.expected(bypass, items, transform, torch.float32)
     if context.is_main:
         try:
             FeatureCache.load(path, key)
         except (FileNotFoundError, ValueError):
             loader = DataLoader(dataset, batch_size=64, shuffle=False)
-            extract(bypass, loader, items=dataset.items, transform=transform, path=path, progress=True)
+            extract(bypass, loader, items=items, transform=transform, path=path, progress=True)
     distributed.barrier(context)
     return _CachedFeatures(FeatureCache.load(path, key))
 
