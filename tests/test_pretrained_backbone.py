@@ -1,4 +1,4 @@
-"""The shipped restune_vit_tiny weights, the fractal image generator and the pretraining script, all offline."""
+"""The shipped restune_vit_tiny weights, the fractal and texture generators and the pretraining script, offline."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from restune import backbones
 from restune.pretraining import WEIGHTS, make_categories, render_batch
 from restune.pretraining.images import batch_rng
 from restune.pretraining.model import ARCH, PRETRAIN_CLASSES, build
+from restune.pretraining.textures import make_textures, render_composites, render_textures
 from restune.pretraining.train import PretrainConfig, pretrain
 
 
@@ -75,6 +76,7 @@ def test_tiny_pretraining_run_writes_loadable_weights_and_resumes(tmp_path: Path
         steps=3,
         batch_size=8,
         num_classes=4,
+        texture_classes=3,
         embed_dim=32,
         depth=1,
         num_heads=2,
@@ -83,11 +85,33 @@ def test_tiny_pretraining_run_writes_loadable_weights_and_resumes(tmp_path: Path
         checkpoint_every=2,
     )
     summary = pretrain(config)
-    assert 0.0 <= summary["heldout_acc"] <= 1.0
+    assert 0.0 <= summary["heldout_fractal_acc"] <= 1.0 and 0.0 <= summary["heldout_texture_acc"] <= 1.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "tiny.safetensors"]  # no temp files left
     state = load_file(str(output))
     assert all(v.dtype == torch.float16 for v in state.values())
-    model = build(num_classes=4, embed_dim=32, depth=1, num_heads=2)
+    model = build(num_classes=4 + 3, embed_dim=32, depth=1, num_heads=2)  # fractal logits, then texture logits
     model.load_state_dict(state)
     config.steps = 4  # resumes from the step-3 checkpoint and trains one more step
     assert pretrain(config)["config"]["steps"] == 4
+
+
+def test_textures_are_deterministic_in_range_and_distinct_per_category() -> None:
+    textures = make_textures(5, seed=2)
+    assert textures.num_classes == 5
+    labels = np.array([0, 1, 2, 3, 4, 0])
+    pattern, colours = render_textures(textures, labels, np.random.default_rng(4))
+    again, _ = render_textures(make_textures(5, seed=2), labels, np.random.default_rng(4))
+    assert pattern.shape == (6, 32, 32) and colours.shape == (6, 2, 3)
+    assert np.array_equal(pattern, again)
+    assert pattern.min() >= 0.0 and pattern.max() <= 1.0
+    assert (pattern.std((1, 2)) > 0.05).all()  # every instance has structure, none is flat
+    assert not np.array_equal(make_textures(5, seed=3).freqs, textures.freqs)
+
+
+def test_composites_carry_both_labels_and_follow_the_rng() -> None:
+    fractals, textures = make_categories(4, seed=1), make_textures(3, seed=1)
+    images, fractal, texture = render_composites(fractals, textures, batch_rng(1, 0), 8)
+    again = render_composites(fractals, textures, batch_rng(1, 0), 8)
+    assert images.shape == (8, 32, 32, 3) and images.dtype == np.uint8
+    assert np.array_equal(images, again[0]) and np.array_equal(fractal, again[1]) and np.array_equal(texture, again[2])
+    assert fractal.max() < 4 and texture.max() < 3 and fractal.min() >= 0 and texture.min() >= 0

@@ -1,10 +1,10 @@
 """``restune demo``: the product's real job in a few minutes on a CPU, offline.
 
 It writes one task of the offline VTAB-style suite, loads the small ViT pretrained by restune (shipped in the
-package), and adapts it with the linear probe, LoRA (a reparameterising tuner) and the Res-Tuning-Bypass trained from
-cached features, through the same harness as ``restune train``. It prints a table of test accuracy, trainable
-parameters and the activation memory one training step keeps for backward (full fine-tuning measured beside them for
-scale), and draws the same as a PNG chart.
+package), and adapts it with the linear probe, LoRA and RLRR (two reparameterising tuners) and the Res-Tuning-Bypass
+trained from cached features, through the same harness as ``restune train``. It prints a table of test accuracy,
+trainable parameters and the activation memory one training step keeps for backward (full fine-tuning measured beside
+them for scale), and draws the same as a PNG chart.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ DEMO_LR, DEMO_BATCH = 1e-2, 32
 METHODS: tuple[tuple[str, str, bool], ...] = (
     ("linear probe", "linear", False),
     ("LoRA", "lora", False),
+    ("RLRR", "rlrr", False),
     ("Res-Tuning-Bypass", "res_tuning_bypass", True),
 )
 MEMORY_BATCH = 32

@@ -167,6 +167,7 @@ def render_batch(
     chains: int = 128,
     steps: int = 20,
     jitter: float = 0.02,
+    background: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Render ``batch`` random instances of random categories.
 
@@ -182,6 +183,9 @@ def render_batch(
         chains: chaos-game walkers per image.
         steps: chaos-game steps per walker (points per image = ``chains * steps``).
         jitter: std of the per-instance noise on the maps' parameters (intra-category variation).
+        background: float ``(batch, size, size, 3)`` images in [0, 1] to draw over; by default flat colours,
+            gradients or smooth noise. Where the fractal's colours are too close to the background's mean, the
+            default background is inverted, a given one is kept and the fractal's colours are inverted instead.
 
     Returns:
         ``(images, labels)``: uint8 ``(batch, size, size, 3)`` and int64 ``(batch,)`` category indices.
@@ -228,9 +232,14 @@ def render_batch(
     alpha = alpha.reshape(batch, size, 2, size, 2).mean((2, 4))
     colour = colour.reshape(batch, size, 2, size, 2, 3).mean((2, 4))
 
-    background = _backgrounds(rng, batch, size)
-    contrast = np.abs(background.mean((1, 2)) - palette.mean(1)).mean(-1) < 0.25
-    background[contrast] = 1.0 - background[contrast]
+    given = background is not None
+    if background is None:
+        background = _backgrounds(rng, batch, size)
+    faint = np.abs(background.mean((1, 2)) - palette.mean(1)).mean(-1) < 0.25
+    if given:
+        colour[faint] = alpha[faint][..., None] - colour[faint]  # premultiplied (1 - c) * alpha
+    else:
+        background[faint] = 1.0 - background[faint]
     image = colour + background * (1.0 - alpha[..., None])
     noise = rng.uniform(0.0, 0.04, (batch, 1, 1, 1))
     image = image + rng.normal(0.0, 1.0, image.shape) * noise

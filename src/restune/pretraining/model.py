@@ -13,11 +13,22 @@ from typing import Any
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-__all__ = ["ARCH", "MODEL_NAME", "PRETRAIN_CLASSES", "WEIGHTS", "build", "restune_vit_tiny"]
+__all__ = [
+    "ARCH",
+    "MODEL_NAME",
+    "FRACTAL_CLASSES",
+    "TEXTURE_CLASSES",
+    "PRETRAIN_CLASSES",
+    "WEIGHTS",
+    "build",
+    "restune_vit_tiny",
+]
 
 MODEL_NAME = "restune_vit_tiny"
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / f"{MODEL_NAME}.safetensors"
-PRETRAIN_CLASSES = 64
+FRACTAL_CLASSES = 64
+TEXTURE_CLASSES = 64
+PRETRAIN_CLASSES = FRACTAL_CLASSES + TEXTURE_CLASSES  # one head: the fractal logits, then the texture logits
 ARCH: dict[str, Any] = dict(
     img_size=32,
     patch_size=4,
@@ -31,7 +42,7 @@ ARCH: dict[str, Any] = dict(
 
 default_cfgs = generate_default_cfgs(
     {
-        f"{MODEL_NAME}.fractal": dict(
+        f"{MODEL_NAME}.fractal_texture": dict(
             file=str(WEIGHTS),
             num_classes=PRETRAIN_CLASSES,
             input_size=(3, 32, 32),
@@ -57,7 +68,7 @@ def build(**kwargs: Any) -> VisionTransformer:
 
 @register_model
 def restune_vit_tiny(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
-    """ViT, 32x32 input, 4x4 patches, pretrained on procedural IFS fractals (see ``restune_vit_tiny.md``)."""
+    """ViT, 32x32 input, 4x4 patches, pretrained on procedural fractals over textures (``restune_vit_tiny.md``)."""
     args = {**ARCH, **kwargs}
     return build_model_with_cfg(
         VisionTransformer,

@@ -1,7 +1,7 @@
-"""Checks of the shipped weights: fractal accuracy, and a linear probe on frozen features vs random initialisation.
+"""Checks of the shipped weights: pretraining accuracy, and a linear probe on frozen features vs random init.
 
 The task (sklearn's 8x8 handwritten digits, upscaled to 32x32 RGB) is not in the pretraining data, so a pretrained
-backbone beating the same architecture at random init shows that fractal pretraining learnt features that transfer.
+backbone beating the same architecture at random init shows that pretraining learnt features that transfer.
 Needs scikit-learn (``pip install scikit-learn``), which restune itself does not depend on. Run::
 
     python -m restune.pretraining.probe
@@ -20,29 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from restune.pretraining.images import batch_rng, make_categories, render_batch
 from restune.pretraining.model import MODEL_NAME
-from restune.pretraining.train import to_tensor
+from restune.pretraining.train import PretrainConfig, evaluate
 
-__all__ = ["fractal_accuracy", "digits_data", "class_token_features", "linear_probe", "main"]
-
-
-@torch.no_grad()
-def fractal_accuracy(
-    model: nn.Module, *, seed: int = 0, batches: int = 32, batch: int = 128, heldout: bool = True
-) -> float:
-    """Pretraining-task accuracy on ``batches`` rendered batches (held-out stream by default, never trained on).
-
-    With ``heldout=False`` the batches are the first ones of the training stream, i.e. images seen once in training.
-    """
-    model.eval()
-    categories = make_categories(model.num_classes, seed)
-    correct = total = 0
-    for index in range(batches):
-        images, labels = render_batch(categories, batch_rng(seed, index, heldout=heldout), batch)
-        correct += int((model(to_tensor(images)).argmax(-1) == torch.from_numpy(labels)).sum())
-        total += len(labels)
-    return correct / total
+__all__ = ["digits_data", "class_token_features", "linear_probe", "main"]
 
 
 def digits_data(seed: int = 0) -> tuple[torch.Tensor, np.ndarray, torch.Tensor, np.ndarray]:
@@ -87,15 +68,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="random-init seeds to average")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--fractal-batches", type=int, default=32, help="128-image batches for the fractal accuracy")
+    parser.add_argument("--eval-batches", type=int, default=32, help="128-image batches for pretraining accuracy")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     shipped = timm.create_model(MODEL_NAME, pretrained=True)
-    fractal = dict(
-        heldout=fractal_accuracy(shipped, batches=args.fractal_batches),
-        train=fractal_accuracy(shipped, batches=args.fractal_batches, heldout=False),
-        images=args.fractal_batches * 128,
-    )
+    accuracy = evaluate(shipped, None, PretrainConfig(output="", eval_batches=args.eval_batches))
+    accuracy.pop("config")
     data = digits_data()
     pretrained = linear_probe(timm.create_model(MODEL_NAME, pretrained=True, num_classes=10), data)
     random = []
@@ -103,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         torch.manual_seed(seed)
         random.append(linear_probe(timm.create_model(MODEL_NAME, pretrained=False, num_classes=10), data))
     result = dict(
-        fractal_accuracy=fractal,
+        pretraining_accuracy=accuracy,
         task="sklearn digits 32x32 RGB, 50/50 split, logistic regression on frozen class token",
         train=len(data[1]),
         test=len(data[3]),

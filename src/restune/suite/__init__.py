@@ -1,9 +1,10 @@
 """An offline VTAB-1k-style evaluation suite, generated from a seed and written in the VTAB-1k folder format.
 
-The suite is for backbones pretrained on procedurally generated fractal categories (FractalDB-style), where the real
-VTAB-1k is unavailable or too slow to fetch: eight small tasks, two per natural/specialized group and four
-structured, none of whose labels is a fractal category. ``write_suite(root)`` writes (or finds) every task as
-``<root>/<task>/{train800,val200,train800val200,test}.txt`` plus PNG images, byte-identical for a given seed.
+The suite is for backbones pretrained on procedurally generated images (the shipped one on random fractal and
+random-wave texture categories), where the real VTAB-1k is unavailable or too slow to fetch: eight small tasks, two per
+natural/specialized group and four structured, none of whose labels is a pretraining category. ``write_suite(root)``
+writes (or finds) every task as ``<root>/<task>/{train800,val200,train800val200,test}.txt`` plus PNG images,
+byte-identical for a given seed.
 
 Tasks (group, classes, what the label is):
 

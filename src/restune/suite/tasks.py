@@ -1,9 +1,10 @@
 """The suite's tasks: one image generator ``(rng, label, size=32) -> uint8 (size, size, 3)`` per task.
 
-The backbone this suite is meant for is pretrained on IFS fractal categories, so no label here is a fractal
-category: every task asks for something else (a digit, a texture family, a cell shape, a scene layout, a count, a
-position, an angle, a distance). Each generator draws the label's content first and then independent nuisances
-(colours, background drift, clutter, jitter, sensor noise), so the label is never readable from the mean colour.
+The backbone this suite is meant for is pretrained on random IFS fractal categories over random-wave texture
+categories, so no label here is a pretraining category: every task asks for something else (a digit, a named texture
+family, a cell shape, a scene layout, a count, a position, an angle, a distance). Each generator draws the label's
+content first and then independent nuisances (colours, background drift, clutter, jitter, sensor noise), so the label
+is never readable from the mean colour.
 """
 
 from __future__ import annotations
