@@ -72,6 +72,9 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+# Drawing the category sets takes a chaos-game pass per candidate: once per run, not once per batch.
+_categories = functools.lru_cache(maxsize=4)(make_categories)
+_textures = functools.lru_cache(maxsize=4)(make_textures)
 
 
 def _batch(config: PretrainConfig, index: int, *, heldout: bool = False) -> Batch:
@@ -84,10 +87,6 @@ def _batch(config: PretrainConfig, index: int, *, heldout: bool = False) -> Batc
         size=ARCH["img_size"],
     )
     return to_tensor(images), torch.from_numpy(fractal), torch.from_numpy(texture)
-
-
-_categories = functools.lru_cache(maxsize=4)(make_categories)
-_textures = functools.lru_cache(maxsize=4)(make_textures)
 
 
 def _split(logits: torch.Tensor, fractal_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
