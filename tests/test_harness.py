@@ -106,9 +106,10 @@ def test_val_protocol_trains_on_train800_and_scores_val200(data: Path, tmp_path:
     assert row["protocol"] == "val" and "val200" in row["metric"] and row["test_images"] == "8"
 
 
-def test_bypass_trains_from_a_feature_cache(data: Path, tmp_path: Path) -> None:
+def test_bypass_trains_from_a_feature_cache(data: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
     assert run_train(data, run, "--tuner", "res_tuning_bypass", "--bypass-cache", "--epochs", "2") == 0
+    assert "extracting features" not in capfd.readouterr().err  # --no-progress silences the extraction bar too
     assert (run / "cache" / "train800val200" / "cache.json").is_file()
     assert summary(run)["preset"] == "res_tuning_bypass"
     assert main(["eval", str(run), "--split", "test"]) == 0

@@ -92,7 +92,9 @@ def _to(batch: Any, device: torch.device) -> Any:
     return batch.to(device, non_blocking=True)
 
 
-def _cached(bypass: Bypass, dataset: Any, transform: Any, path: Path, context: distributed.Context) -> Dataset:
+def _cached(
+    bypass: Bypass, dataset: Any, transform: Any, path: Path, context: distributed.Context, progress: bool
+) -> Dataset:
     """Features of a split, extracted once by rank 0 (or reused when the cache on disk matches) and shared.
 
     The cache is keyed on every item *with its label*: a relabelled list (same images, corrected labels) must not
@@ -105,7 +107,7 @@ def _cached(bypass: Bypass, dataset: Any, transform: Any, path: Path, context: d
             FeatureCache.load(path, key)
         except (FileNotFoundError, ValueError):
             loader = DataLoader(dataset, batch_size=64, shuffle=False)
-            extract(bypass, loader, items=items, transform=transform, path=path, progress=True)
+            extract(bypass, loader, items=items, transform=transform, path=path, progress=progress)
     distributed.barrier(context)
     return _CachedFeatures(FeatureCache.load(path, key))
 
@@ -226,8 +228,9 @@ def _train(config: TrainConfig, context: distributed.Context) -> dict[str, Any]:
     if config.bypass_cache:
         if not isinstance(model, Bypass):
             raise ValueError(f"--bypass-cache trains a Bypass from features; {config.tuner!r} is not a bypass tuner")
-        train_set = _cached(model, train_set, train_tf, run_dir / "cache" / config.train_split, context)
-        eval_set = _cached(model, eval_set, eval_tf, run_dir / "cache" / config.eval_split, context)
+        cache = run_dir / "cache"
+        train_set = _cached(model, train_set, train_tf, cache / config.train_split, context, config.progress)
+        eval_set = _cached(model, eval_set, eval_tf, cache / config.eval_split, context, config.progress)
         runner = _FromFeatures(model)
     wrapped = DistributedDataParallel(runner) if context.world > 1 else runner
     optimizer = torch.optim.AdamW(param_groups(model, recipe), lr=recipe.lr)
