@@ -44,6 +44,21 @@ def test_preset_count_on_vit_b_and_learnable_lambda() -> None:
     assert sum(p.numel() for p in vertical_off.trainable_parameters()) - head == 12 * 49_952
 
 
+@pytest.mark.parametrize(("depth", "width"), [(12, 768), (5, 128), (3, 192)])
+def test_attn_preset_count_equals_the_formula(depth: int, width: int) -> None:
+    with torch.device("meta"):
+        backbone = timm.create_model(
+            "vit_base_patch16_224", pretrained=False, depth=depth, embed_dim=width, num_heads=4, num_classes=10
+        )
+    bypass = Bypass(backbone, "res_tuning_bypass_attn", num_classes=10)
+    lateral, vertical = 4 * width * 16 + 1, 2 * width * 32 + 32 + width
+    head = (width + 1) * 10
+    assert sum(p.numel() for p in bypass.trainable_parameters()) - head == depth * (lateral + vertical)
+    assert bypass.token_mode == "query"
+    if depth == 12:
+        assert depth * (lateral + vertical) == 1_189_260
+
+
 def test_no_gradient_or_graph_reaches_the_backbone() -> None:
     backbone = make_vit(0).requires_grad_(True)
     bypass = _randomized(Bypass(backbone, num_classes=5))

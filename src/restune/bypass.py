@@ -99,8 +99,21 @@ class BypassConfig:
 
 
 def bypass_presets() -> dict[str, BypassConfig]:
-    """Named bypass configurations."""
-    return {"res_tuning_bypass": BypassConfig(preset="res_tuning_bypass")}
+    """Named bypass configurations.
+
+    ``res_tuning_bypass`` is swift's chain of per-token Res-Adapters. With a class-token head that chain only ever
+    sees the class token of each block, so it can re-weigh what the backbone already gathered there but cannot look
+    at the patches again. ``res_tuning_bypass_attn`` keeps the vertical Res-Adapters and makes the lateral tuner a
+    Res-Attn (r = 16, 4 heads, the ``res_attn`` preset's tuner) that reads every token of the detached feature and
+    answers for the class token: the paper's formulation with a token-mixing horizontal Res-Tuner, at the same
+    budget (L * (4*D*16 + 1 + 2*D*32 + 32 + D) = 1,189,260 on ViT-B/16 against 1,198,848).
+    """
+    return {
+        "res_tuning_bypass": BypassConfig(preset="res_tuning_bypass"),
+        "res_tuning_bypass_attn": BypassConfig(
+            lateral={"type": "res_attn", "r": 16, "heads": 4}, preset="res_tuning_bypass_attn"
+        ),
+    }
 
 
 def resolve_bypass_config(spec: str | dict[str, Any] | BypassConfig) -> BypassConfig:
