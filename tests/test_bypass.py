@@ -57,6 +57,8 @@ def test_attn_preset_count_equals_the_formula(depth: int, width: int) -> None:
     assert bypass.token_mode == "query"
     if depth == 12:
         assert depth * (lateral + vertical) == 1_189_260
+    counted = restune.report(bypass)  # the Bypass's own head is the head, not the backbone's
+    assert counted.head == head and counted.trainable_without_head == depth * (lateral + vertical)
 
 
 def test_no_gradient_or_graph_reaches_the_backbone() -> None:

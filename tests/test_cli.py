@@ -14,7 +14,14 @@ from restune.cli import main
 SCRIPT = Path(sys.executable).with_name("restune")
 
 
-METHOD_NAMES = ["linear probe", "LoRA", "RLRR", "Res-Tuning-Bypass", "full fine-tuning (memory only)"]
+METHOD_NAMES = [
+    "linear probe",
+    "LoRA",
+    "RLRR",
+    "Res-Tuning-Bypass",
+    "Res-Tuning-Bypass + Res-Attn",
+    "full fine-tuning (memory only)",
+]
 
 
 def test_readme_main_job_runs_and_prints_the_table(tmp_path: Path) -> None:
@@ -27,7 +34,8 @@ def test_readme_main_job_runs_and_prints_the_table(tmp_path: Path) -> None:
     assert [row.split("|")[1].strip() for row in rows] == METHOD_NAMES
     saved = dict(zip(METHOD_NAMES, (float(row.split("|")[5].split()[0]) for row in rows), strict=True))
     # the bypass keeps the least for backward; full fine-tuning the most
-    assert saved["Res-Tuning-Bypass"] < min(saved["LoRA"], saved["RLRR"]) <= saved["full fine-tuning (memory only)"]
+    bypasses = max(saved["Res-Tuning-Bypass"], saved["Res-Tuning-Bypass + Res-Attn"])
+    assert bypasses < min(saved["LoRA"], saved["RLRR"]) <= saved["full fine-tuning (memory only)"]
     assert (tmp_path / "demo" / "results.md").read_text().strip() in done.stdout
     assert (tmp_path / "demo" / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -37,6 +45,8 @@ def test_info_lists_presets_with_spec_counts(capsys: pytest.CaptureFixture[str])
     out = capsys.readouterr().out
     assert "| res_tuning | res_prefix + res_adapter | 378,000 | 416,045 | 558,407 |" in out
     assert "| lora | lora | 294,912 | 332,957 | 475,319 |" in out
+    assert "| res_tuning_bypass | bypass: lateral res_adapter, vertical res_adapter | 1,198,848 | 1,236,893 |" in out
+    assert "| res_tuning_bypass_attn | bypass: lateral res_attn, vertical res_adapter | 1,189,260 |" in out
     for tuner in ("res_adapter", "res_prefix", "res_prompt", "res_lora", "res_attn", "lora"):
         assert f"| {tuner} |" in out
 

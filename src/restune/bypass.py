@@ -289,6 +289,10 @@ class Bypass(nn.Module):
     def num_classes(self) -> int:
         return self.head.out_features
 
+    def get_classifier(self) -> nn.Linear:
+        """The Bypass's own head (timm's accessor), so ``restune.report`` counts it as the head."""
+        return self.head
+
     @property
     def mixes_tokens(self) -> bool:
         return any(step.mixes_tokens for step in self.bypass)

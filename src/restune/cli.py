@@ -12,6 +12,7 @@ import timm
 import torch
 
 import restune
+from restune.bypass import bypass_presets
 from restune.harness.cli import COMMANDS, add_commands, run_command
 from restune.report import report
 from restune.tune import backbone_parameters
@@ -48,6 +49,14 @@ def info(model_name: str, num_classes: int) -> str:
         share = 100.0 * counts.trainable_without_head / backbone
         lines.append(
             f"| {preset} | {' + '.join(parts) or 'head only'} | {counts.trainable_without_head:,} | "
+            f"{counts.with_vtab_head:,} | {counts.with_fgvc_head:,} | {share:.3f}% |"
+        )
+    for preset, config in bypass_presets().items():
+        counts = report(restune.Bypass(_meta_model(model_name, num_classes), config, num_classes=num_classes))
+        sides = [side if isinstance(side, str) else side["type"] for side in (config.lateral, config.vertical)]
+        share = 100.0 * counts.trainable_without_head / backbone
+        lines.append(
+            f"| {preset} | bypass: lateral {sides[0]}, vertical {sides[1]} | {counts.trainable_without_head:,} | "
             f"{counts.with_vtab_head:,} | {counts.with_fgvc_head:,} | {share:.3f}% |"
         )
     return "\n".join(lines)

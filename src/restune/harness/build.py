@@ -63,7 +63,7 @@ def build_model(config: TrainConfig, num_classes: int, recipe: Recipe) -> nn.Mod
 
 def head_of(model: nn.Module) -> nn.Module:
     """The classifier head of a tuned timm model or of a Bypass."""
-    return model.head if isinstance(model, Bypass) else model.get_classifier()
+    return model.get_classifier()
 
 
 def transforms_for(model: nn.Module, recipe: Recipe) -> tuple[Any, Any]:
