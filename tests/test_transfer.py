@@ -1,14 +1,15 @@
 """Transfer with the shipped pretrained backbone on two tasks of the offline suite, through the real harness.
 
-The settings are those of the main table in docs/suite.md (5 epochs, AdamW lr 1e-2, batch 32, 300 test images, seed 0),
-so every number these tests see is a cell of that table. On ``remote`` (specialized) and ``count`` (structured): LoRA
-and RLRR each beat the linear probe by at least 3 points, the probe is well above chance, and the shipped weights beat
-the same architecture randomly initialised, under the linear probe and under LoRA alike.
+The settings are those of the main table in docs/suite.md (5 epochs, AdamW lr 1e-2, batch 32, seed 0, 2,000 test
+images so that a 3-point margin is several standard errors), so every number these tests see is a cell of that table.
+On ``remote`` (specialized) and ``count`` (structured): LoRA, RLRR and the Res-Tuning-Bypass each beat the linear
+probe by at least 3 points, the probe is well above chance, and the shipped weights beat the same architecture randomly
+initialised, under the linear probe and under LoRA alike.
 
-The default Res-Tuning-Bypass does *not* beat the probe by 3 points on these tasks (docs/suite.md: +0.7 and +1.3); it
-is a per-token MLP chain over the class token of every block, so where the class token already carries the answer it
-adds little. What is asserted for it is that it matches the probe (within 1 point) with no backward through the
-backbone; this is the open part of the issue that asked for 3 points.
+The Bypass held to the 3 points is ``res_tuning_bypass_attn``, whose lateral tuner is a Res-Attn reading every token
+of the detached feature. swift's default (``res_tuning_bypass``) is a per-token chain that, with a class-token head,
+only ever sees the class token of each block: it beats the probe on both tasks, by 4.1 points on count but by 1.4 on
+remote, where the answer is in patches the backbone's class token did not gather. That is asserted as it is.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from restune.harness.loop import train
 from restune.suite import TASKS, write_suite
 
 TASK_NAMES = ("remote", "count")
-TUNERS = ("lora", "rlrr")
-BYPASS = "res_tuning_bypass"
+TUNERS = ("lora", "rlrr", "res_tuning_bypass_attn")
+DEFAULT_BYPASS = "res_tuning_bypass"
+BYPASSES = ("res_tuning_bypass_attn", DEFAULT_BYPASS)
+TEST_SIZE = 2000
 RANDOM_INIT = ("linear", "lora")
 MARGIN = 3.0
 
@@ -31,9 +34,9 @@ MARGIN = 3.0
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str, bool], float]:
     root = tmp_path_factory.mktemp("suite")
-    write_suite(root, tasks=list(TASK_NAMES), seed=0, test_size=300, progress=False)
+    write_suite(root, tasks=list(TASK_NAMES), seed=0, test_size=TEST_SIZE, progress=False)
     runs = tmp_path_factory.mktemp("runs")
-    plan = [(task, preset, False) for task in TASK_NAMES for preset in ("linear", *TUNERS, BYPASS)]
+    plan = [(task, preset, False) for task in TASK_NAMES for preset in ("linear", *TUNERS, DEFAULT_BYPASS)]
     plan += [(task, preset, True) for task in TASK_NAMES for preset in RANDOM_INIT]
     return {key: _accuracy(root, runs, *key) for key in plan}
 
@@ -49,7 +52,7 @@ def _accuracy(root: Path, runs: Path, task: str, preset: str, random_init: bool)
         lr=1e-2,
         batch_size=32,
         seed=0,
-        bypass_cache=preset == BYPASS,
+        bypass_cache=preset in BYPASSES,
         output=str(runs / f"{task}-{preset}-{'random' if random_init else 'pretrained'}"),
         device="cpu",
         progress=False,
@@ -64,8 +67,8 @@ def test_tuner_beats_the_linear_probe_by_three_points(results: dict, task: str, 
 
 
 @pytest.mark.parametrize("task", TASK_NAMES)
-def test_bypass_matches_the_linear_probe(results: dict, task: str) -> None:
-    assert results[task, BYPASS, False] >= results[task, "linear", False] - 1.0, results
+def test_default_bypass_beats_the_linear_probe(results: dict, task: str) -> None:
+    assert results[task, DEFAULT_BYPASS, False] > results[task, "linear", False], results
 
 
 @pytest.mark.parametrize("task", TASK_NAMES)
