@@ -21,7 +21,7 @@ from restune.data import VTAB_GROUPS, build_transform, open_dataset
 from restune.harness.config import TrainConfig
 from restune.harness.recipes import Recipe
 
-__all__ = ["bypass_spec", "build_model", "head_of", "transforms_for", "open_split", "param_groups", "count"]
+__all__ = ["bypass_spec", "build_model", "transforms_for", "open_split", "param_groups", "count"]
 
 
 def bypass_spec(tuner: str) -> str | dict[str, Any] | None:
@@ -56,14 +56,9 @@ def build_model(config: TrainConfig, num_classes: int, recipe: Recipe) -> nn.Mod
     )
     if recipe.zero_head:  # RLRR, ARC and HTA code start from a zero head
         with torch.no_grad():
-            for param in head_of(model).parameters():
+            for param in model.get_classifier().parameters():
                 param.zero_()
     return model
-
-
-def head_of(model: nn.Module) -> nn.Module:
-    """The classifier head of a tuned timm model or of a Bypass."""
-    return model.get_classifier()
 
 
 def transforms_for(model: nn.Module, recipe: Recipe) -> tuple[Any, Any]:
@@ -97,5 +92,5 @@ def param_groups(model: nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
 def count(model: nn.Module) -> tuple[int, int]:
     """(trainable parameters with the head, the head's trainable parameters)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    head = sum(p.numel() for p in head_of(model).parameters() if p.requires_grad)
+    head = sum(p.numel() for p in model.get_classifier().parameters() if p.requires_grad)
     return trainable, head

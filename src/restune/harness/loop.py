@@ -30,7 +30,7 @@ import restune
 from restune.bypass import Bypass
 from restune.features import CacheKey, FeatureCache, extract
 from restune.harness import distributed
-from restune.harness.build import build_model, count, head_of, open_split, param_groups, transforms_for
+from restune.harness.build import build_model, count, open_split, param_groups, transforms_for
 from restune.harness.config import TrainConfig, resolved_recipe
 from restune.harness.recipes import Recipe
 
@@ -186,7 +186,7 @@ def _summary(config: TrainConfig, recipe: Recipe, model: nn.Module, history: lis
     trainable, head = count(model)
     values = [
         config.dataset, config.preset_name(), config.model, config.protocol, config.metric, round(accuracy, 4), best,
-        len(history), trainable, trainable - head, head, int(head_of(model).out_features), recipe.lr,
+        len(history), trainable, trainable - head, head, int(model.get_classifier().out_features), recipe.lr,
         recipe.weight_decay, recipe.batch_size, config.seed, recipe.name, test_images,
     ]  # fmt: skip
     return dict(zip(SUMMARY_FIELDS, values, strict=True))
