@@ -14,7 +14,7 @@ import torch
 import restune
 from restune.bypass import bypass_presets
 from restune.harness.cli import COMMANDS, add_commands, run_command
-from restune.report import report
+from restune.report import Report, report
 from restune.tune import backbone_parameters
 from restune.tuners.base import get_tuner, tuner_names
 
@@ -41,24 +41,23 @@ def info(model_name: str, num_classes: int) -> str:
     lines += ["", "| preset | tuners | trainable without head | + VTAB-1k avg head | + FGVC avg head | % of backbone |"]
     lines.append("|---|---|---:|---:|---:|---:|")
     backbone = sum(p.numel() for p in backbone_parameters(base).values())
+
+    def row(preset: str, tuners: str, counts: Report) -> str:
+        share = 100.0 * counts.trainable_without_head / backbone
+        return (
+            f"| {preset} | {tuners} | {counts.trainable_without_head:,} | {counts.with_vtab_head:,} | "
+            f"{counts.with_fgvc_head:,} | {share:.3f}% |"
+        )
+
     for preset in restune.presets():
         model = restune.tune(_meta_model(model_name, num_classes), preset)
-        counts = report(model)
         spec = model.restune.sets["default"].spec
         parts = [t.type for t in spec.tuners] + ([f"backbone {spec.train}"] if spec.train else [])
-        share = 100.0 * counts.trainable_without_head / backbone
-        lines.append(
-            f"| {preset} | {' + '.join(parts) or 'head only'} | {counts.trainable_without_head:,} | "
-            f"{counts.with_vtab_head:,} | {counts.with_fgvc_head:,} | {share:.3f}% |"
-        )
+        lines.append(row(preset, " + ".join(parts) or "head only", report(model)))
     for preset, config in bypass_presets().items():
-        counts = report(restune.Bypass(_meta_model(model_name, num_classes), config, num_classes=num_classes))
-        sides = [side if isinstance(side, str) else side["type"] for side in (config.lateral, config.vertical)]
-        share = 100.0 * counts.trainable_without_head / backbone
-        lines.append(
-            f"| {preset} | bypass: lateral {sides[0]}, vertical {sides[1]} | {counts.trainable_without_head:,} | "
-            f"{counts.with_vtab_head:,} | {counts.with_fgvc_head:,} | {share:.3f}% |"
-        )
+        bypass = restune.Bypass(_meta_model(model_name, num_classes), config, num_classes=num_classes)
+        lateral, vertical = (s if isinstance(s, str) else s["type"] for s in (config.lateral, config.vertical))
+        lines.append(row(preset, f"bypass: lateral {lateral}, vertical {vertical}", report(bypass)))
     return "\n".join(lines)
 
 
