@@ -1,21 +1,23 @@
-"""restune: Res-Tuning and related parameter-efficient tuners for timm vision transformers.
+"""restune: Res-Tuning and related parameter-efficient tuners for vision backbones.
 
 Public functions only; everything else is reachable through its module (``restune.sites``, ``restune.tuners``...).
 """
 
 from restune import backbones, features, parity, tuners
+from restune.building import build
 from restune.bypass import Bypass, BypassConfig, MultiTask
 from restune.checkpoint import load, save
 from restune.merge import merge, unmerge
 from restune.presets import presets
 from restune.report import Report, report
-from restune.spec import TuneSpec
+from restune.spec import TuneSpec, resolve
 from restune.tune import disabled, set_active, tune
-
-__version__ = "0.1.0"
+from restune.version import __version__
 
 __all__ = [
     "tune",
+    "build",
+    "resolve",
     "Bypass",
     "BypassConfig",
     "MultiTask",

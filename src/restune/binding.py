@@ -8,9 +8,11 @@ user's own loop keep working, and disabling the tuners is a flag, not a model su
   out + sum_k t_k(x) (a tuner on a virtual q/k/v site adds to its row block of the fused qkv only), then
   affine-after transforms of the result.
 - ``AttentionHost`` (attention-branch tuners): captures the backbone's own query from ``qkv`` (before any tuner
-  delta), and adds s * P W_o. When s is one number and ``proj`` carries no tuner, the branch is added to the input
-  of ``proj`` so the backbone's W_o product is shared (exact, as W_o is linear); otherwise it is projected through
-  the frozen W_o separately and added to the attention output. Tuners that join the softmax (classic prefix tuning)
+  delta), and adds s * P W_o. What one attention call captures lives in a frame that a pre-hook opens and an
+  ``always_call`` hook closes, so an exception inside the attention leaves nothing stale for the next call. When s
+  is one number and ``proj`` carries no tuner, the branch is added to the input of ``proj`` so the backbone's W_o
+  product is shared (exact, as W_o is linear); otherwise it is projected through the frozen W_o separately and added
+  to the attention output. Tuners that join the softmax (classic prefix tuning)
   replace the input of ``proj`` with attention over their keys and values concatenated before the backbone's (the
   q, k, v it uses are those the attention computed, tuner deltas included).
 - ``TokenHost`` (token tuners, VPT): puts prompt tokens after the prefix tokens before the first tuned block,
@@ -21,6 +23,7 @@ user's own loop keep working, and disabling the tuners is a flag, not a model su
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from restune.tuners.base import Binding, Tuner
+from restune.contract import Binding, Tuner
 
 __all__ = ["TunerStore", "TunerSet", "ModuleHost", "AttentionHost", "TokenHost"]
 
@@ -77,7 +80,9 @@ class TunerStore(nn.Module):
         self.sets = nn.ModuleDict()
         self.active: str | None = None
         self.enabled = True
-        self.__dict__["hosts"] = {}  # id(module) -> host
+        # (module, host kind) -> host. Keyed by the module itself, not its id(), so that copy.deepcopy of the model
+        # (which copies the keys through its memo) maps the copy's modules to the copy's hosts.
+        self.__dict__["hosts"] = {}
         self.__dict__["original_head"] = None  # a hidden copy of the head as it was before the first tune
         self.__dict__["original_backbone"] = {}  # name -> tensor as it was before any set trained it
 
@@ -87,14 +92,14 @@ class TunerStore(nn.Module):
         return host.entries.get(self.active, [])
 
     def host(self, module: nn.Module, kind: type) -> Any:
-        key = (id(module), kind)
+        key = (module, kind)
         if key not in self.hosts:
             self.hosts[key] = kind(self, module)
         return self.hosts[key]
 
     def output_entries(self, module: nn.Module) -> list:
         """Tuners of the active set that change a module's output (additive or affine-after)."""
-        host = self.hosts.get((id(module), ModuleHost))
+        host = self.hosts.get((module, ModuleHost))
         return host._active(host.entries) + host._active(host.after) if host is not None else []
 
     def detach_hooks(self) -> None:
@@ -110,6 +115,28 @@ class TunerStore(nn.Module):
 
 def _first_input(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else next(iter(kwargs.values()))
+
+
+def _without(table: dict[str, list], ids: set[int]) -> dict[str, list]:
+    """A host table without the given tuners (entries are tuners or (tuner, rows) pairs)."""
+
+    def kept(entry: Any) -> bool:
+        return id(entry[0] if isinstance(entry, tuple) else entry) not in ids
+
+    return {name: [e for e in entries if kept(e)] for name, entries in table.items()}
+
+
+def _swap_tables(host: Any, names: tuple[str, ...], ids: set[int]) -> Callable[[], None]:
+    """Drop tuners from a host's tables; the returned function puts the tables back as they were."""
+    saved = {name: getattr(host, name) for name in names}
+    for name, table in saved.items():
+        setattr(host, name, _without(table, ids))
+
+    def restore() -> None:
+        for name, table in saved.items():
+            setattr(host, name, table)
+
+    return restore
 
 
 class ModuleHost:
@@ -142,6 +169,10 @@ class ModuleHost:
         for handle in self.handles:
             handle.remove()
         self.handles = []
+
+    def unregister(self, tuners: list[Tuner]) -> Callable[[], None]:
+        """Stop running these tuners here; call the returned function to run them again."""
+        return _swap_tables(self, ("entries", "before", "after"), {id(t) for t in tuners})
 
     def add(self, set_name: str, tuner: Tuner, rows: tuple[int, int] | None) -> None:
         if tuner.binding in (Binding.AFFINE, Binding.SEQUENTIAL):
@@ -185,8 +216,15 @@ class ModuleHost:
     @staticmethod
     def _add(x: torch.Tensor, output: torch.Tensor, entries: list) -> torch.Tensor:
         by_rows: dict[tuple[int, int], torch.Tensor] = {}
+        transformed: dict[int, torch.Tensor] = {}  # one application per shared input transform (one dropout mask)
         for tuner, rows in entries:
-            delta = tuner(x)
+            transform = tuner.input_transform
+            if transform is None:
+                delta = tuner(x)
+            else:
+                if id(transform) not in transformed:
+                    transformed[id(transform)] = transform(x)
+                delta = tuner(transformed[id(transform)])
             if rows is None:
                 output = output + delta
             else:
@@ -221,9 +259,10 @@ class AttentionHost:
     def attach(self) -> None:
         # Registered after the qkv host's own hook, so it sees qkv's output with the tuner deltas added.
         self.handles = [
+            self.attention.register_forward_pre_hook(self._open_frame),
             self.attention.qkv.register_forward_hook(self._capture_qkv),
             self.attention.proj.register_forward_pre_hook(self._inject),
-            self.attention.register_forward_hook(self._add_after),
+            self.attention.register_forward_hook(self._add_after, always_call=True),
         ]
 
     def detach(self) -> None:
@@ -233,6 +272,14 @@ class AttentionHost:
 
     def add(self, set_name: str, tuner: Tuner) -> None:
         self.entries.setdefault(set_name, []).append(tuner)
+
+    def unregister(self, tuners: list[Tuner]) -> Callable[[], None]:
+        """Stop running these tuners here; call the returned function to run them again."""
+        return _swap_tables(self, ("entries",), {id(t) for t in tuners})
+
+    def _open_frame(self, attention: nn.Module, args: tuple) -> None:
+        """Start one attention call with nothing captured (whatever an interrupted call left is dropped)."""
+        self._query, self._qkv, self._injected = None, None, False
 
     def _split_heads(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         attention = self.attention
@@ -287,10 +334,16 @@ class AttentionHost:
             self._injected = True
         return (x, *args[1:]) if joined or self._injected else None
 
-    def _add_after(self, attention: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        branches = [tuner for tuner in self.store.active_entries(self) if not tuner.joins_softmax]
+    def _add_after(self, attention: nn.Module, args: tuple, output: torch.Tensor | None) -> torch.Tensor | None:
+        """Close the call's frame and add the branches not already injected before ``proj``.
+
+        Runs even when the attention raised (``always_call``); ``output`` is None then and only the frame is closed.
+        """
         query, injected = self._query, self._injected
         self._query, self._qkv, self._injected = None, None, False
+        if output is None:
+            return None
+        branches = [tuner for tuner in self.store.active_entries(self) if not tuner.joins_softmax]
         if not branches or injected:
             return None
         if query is None:
@@ -323,12 +376,24 @@ class TokenHost:
             block.register_forward_pre_hook(functools.partial(self._before_block, index))
             for index, block in enumerate(self.model.blocks)
         ]
-        self.handles.append(self.model.norm.register_forward_hook(self._after_norm))
+        # Always called, so a forward that fails between the blocks and the norm leaves no token count behind.
+        self.handles.append(self.model.norm.register_forward_hook(self._after_norm, always_call=True))
 
     def detach(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles = []
+
+    def unregister(self, tuners: list[Tuner]) -> Callable[[], None]:
+        """Stop running these tuners here; call the returned function to run them again."""
+        ids = {id(t) for t in tuners}
+        saved = self.entries
+        self.entries = {name: {i: t for i, t in table.items() if id(t) not in ids} for name, table in saved.items()}
+
+        def restore() -> None:
+            self.entries = saved
+
+        return restore
 
     def add(self, set_name: str, tuner: Tuner, layer: int) -> None:
         table = self.entries.setdefault(set_name, {})
@@ -361,9 +426,9 @@ class TokenHost:
         self._inserted = tokens.shape[1]
         return (torch.cat([x[:, :prefix], tokens, rest], dim=1), *args[1:])
 
-    def _after_norm(self, norm: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+    def _after_norm(self, norm: nn.Module, args: tuple, output: torch.Tensor | None) -> torch.Tensor | None:
         inserted, self._inserted = self._inserted, 0
-        if not inserted or not self._active():
+        if output is None or not inserted or not self._active():
             return None
         prefix = self.model.num_prefix_tokens
         return torch.cat([output[:, :prefix], output[:, prefix + inserted :]], dim=1)

@@ -1,4 +1,4 @@
-"""Res-Tuning-Bypass (arXiv 2310.19859 §3.3; specs/res-tuning.md §7-9): tuners that read detached features.
+"""Res-Tuning-Bypass (arXiv 2310.19859 §3.3; docs/methods/res-tuning.md): tuners that read detached features.
 
 A chain of Res-Tuners runs beside the frozen backbone: b_0 = sg(x_0), b_l = RA_lat,l(sg(x_l)) + RA_ver,l(b_(l-1)),
 and b_L replaces the input of the backbone's frozen final norm before the Bypass's own head. The default is the
@@ -10,8 +10,8 @@ the chain for that token alone, which is exact.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar
 
 import torch
 from timm.layers import trunc_normal_
@@ -19,14 +19,16 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from restune.backbones import block_features, feature_keys
+from restune.contract import Tuner, config_from_dict, get_tuner, presets, register_preset, register_spec_kind
+from restune.layers.activations import make_activation
+from restune.layers.scale import check_scale
 from restune.sites import BLOCK, LINEAR, Site
-from restune.tuners.activations import make_activation
+from restune.spec import resolve
 from restune.tuners.adapter import SwiftResAdapter
-from restune.tuners.base import config_from_dict, get_tuner
-from restune.tuners.scale import check_scale
 
-__all__ = ["BypassConfig", "Bypass", "BypassStep", "MultiTask", "bypass_presets", "resolve_bypass_config"]
+__all__ = ["BypassConfig", "Bypass", "BypassStep", "MultiTask", "bypass_presets", "resolve_bypass_config", "BYPASS"]
 
+BYPASS = "bypass"
 SWIFT_ADAPTER = "res_adapter"
 ZERO = "zero"
 MIXING = ("sum", "fixed", "learnable")
@@ -34,7 +36,7 @@ MIXING = ("sum", "fixed", "learnable")
 
 @dataclass
 class BypassConfig:
-    """Res-Tuning-Bypass options; the defaults are swift's (the ``res_tuning_bypass`` preset).
+    """Res-Tuning-Bypass options (spec kind ``bypass``); the defaults are swift's (the ``res_tuning_bypass`` preset).
 
     Attributes:
         lateral: the tuner reading the backbone feature x_l: ``res_adapter`` (swift's Res-Adapter with identity
@@ -57,6 +59,7 @@ class BypassConfig:
             16 takes the step's peak from 0.20x to 0.17x of a peft LoRA step's at about the same speed.
     """
 
+    kind: ClassVar[str] = BYPASS
     lateral: str | dict[str, Any] = SWIFT_ADAPTER
     vertical: str | dict[str, Any] = SWIFT_ADAPTER
     bottleneck: int | list[int] = 32
@@ -94,62 +97,78 @@ class BypassConfig:
         if self.chunk_size is not None and self.chunk_size <= 0:
             raise ValueError(f"bypass: 'chunk_size' must be positive, got {self.chunk_size!r}")
 
+    def describe(self) -> str:
+        """One line for tables: the lateral and vertical tuner types."""
+        lateral, vertical = (s if isinstance(s, str) else s["type"] for s in (self.lateral, self.vertical))
+        return f"bypass: lateral {lateral}, vertical {vertical}"
+
     def to_dict(self) -> dict[str, Any]:
-        return {"type": "bypass", "format_version": 1, **asdict(self)}
+        """JSON-serialisable form, readable back by ``restune.spec.resolve`` (and ``from_dict``)."""
+        return {"kind": self.kind, "format_version": 1, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BypassConfig:
+        """A config from ``to_dict`` output or a hand-written mapping (``type: bypass`` is read as the kind)."""
+        data = {k: v for k, v in data.items() if k not in ("kind", "type", "format_version")}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"bypass: unknown option(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**data)
+
+
+register_spec_kind(BypassConfig)
 
 
 def bypass_presets() -> dict[str, BypassConfig]:
-    """Named bypass configurations.
-
-    ``res_tuning_bypass`` is swift's chain of per-token Res-Adapters. With a class-token head that chain only ever
-    sees the class token of each block, so it can re-weigh what the backbone already gathered there but cannot look
-    at the patches again. ``res_tuning_bypass_attn`` keeps the vertical Res-Adapters and makes the lateral tuner a
-    Res-Attn (r = 16, 4 heads, the ``res_attn`` preset's tuner) that reads every token of the detached feature and
-    answers for the class token: the paper's formulation with a token-mixing horizontal Res-Tuner, at the same
-    budget (L * (4*D*16 + 1 + 2*D*32 + 32 + D) = 1,189,260 on ViT-B/16 against 1,198,848).
-    """
-    return {
-        "res_tuning_bypass": BypassConfig(preset="res_tuning_bypass"),
-        "res_tuning_bypass_attn": BypassConfig(
-            lateral={"type": "res_attn", "r": 16, "heads": 4}, preset="res_tuning_bypass_attn"
-        ),
-    }
+    """Named bypass configurations (the ``bypass`` kind of the one preset registry), name -> fresh config."""
+    return {name: resolve(name) for name in presets(kind=BYPASS)}
 
 
 def resolve_bypass_config(spec: str | dict[str, Any] | BypassConfig) -> BypassConfig:
     """A BypassConfig from a preset name, a dict (``BypassConfig.to_dict`` output included) or a config."""
-    if isinstance(spec, BypassConfig):
-        return spec
-    if isinstance(spec, str):
-        found = bypass_presets()
-        if spec not in found:
-            raise ValueError(f"unknown bypass preset {spec!r}; bypass presets: {', '.join(found)}")
-        return found[spec]
-    if isinstance(spec, dict):
-        data = {k: v for k, v in spec.items() if k not in ("type", "format_version")}
-        return BypassConfig(**data)
-    raise TypeError(f"cannot use {type(spec).__name__} as a bypass spec; give a preset name, a dict or a BypassConfig")
+    return resolve(spec, kind=BYPASS)
+
+
+# ``res_tuning_bypass`` is swift's chain of per-token Res-Adapters. With a class-token head that chain only ever sees
+# the class token of each block, so it can re-weigh what the backbone already gathered there but cannot look at the
+# patches again. ``res_tuning_bypass_attn`` keeps the vertical Res-Adapters and makes the lateral tuner a Res-Attn
+# (r = 16, 4 heads, the ``res_attn`` preset's tuner) that reads every token of the detached feature and answers for
+# the class token: the paper's formulation with a token-mixing horizontal Res-Tuner, at the same budget
+# (L * (4*D*16 + 1 + 2*D*32 + 32 + D) = 1,189,260 on ViT-B/16 against 1,198,848).
+register_preset("res_tuning_bypass", BypassConfig)
+register_preset("res_tuning_bypass_attn", lambda: BypassConfig(lateral={"type": "res_attn", "r": 16, "heads": 4}))
 
 
 class _Residual(nn.Module):
-    """z + R(z) for a registered parallel tuner R, so any Res-Tuner can be a bypass tuner."""
+    """z + R(z) for a registered parallel tuner R, so any Res-Tuner can be a bypass tuner.
 
-    def __init__(self, tuner: nn.Module) -> None:
+    R's declared capabilities decide what runs: ``input_transform`` first (no host here to apply it), and with
+    ``first_tokens`` a token-mixing R must ``answers_first_tokens`` (Res-Attn: all tokens as keys, the first as
+    queries) while a per-token R simply reads the first tokens.
+    """
+
+    def __init__(self, tuner: Tuner) -> None:
         super().__init__()
         self.tuner = tuner
 
     @property
+    def mixes_tokens(self) -> bool:
+        return self.tuner.mixes_tokens
+
+    @property
     def answers_first_tokens(self) -> bool:
         """Whether R can give its output for the first tokens only while reading all of them (Res-Attn)."""
-        gated = any(getattr(m, "kind", None) == "gate" for m in self.tuner.modules())
-        return hasattr(self.tuner, "first_tokens_supported") and not gated
+        return self.tuner.answers_first_tokens
 
     def forward(self, z: torch.Tensor, first_tokens: int | None = None) -> torch.Tensor:
+        transform = self.tuner.input_transform
+        read = z if transform is None else transform(z)
         if first_tokens is None:
-            return z + self.tuner(z)
-        if getattr(self.tuner, "mixes_tokens", False):
-            return z[:, :first_tokens] + self.tuner(z, first_tokens=first_tokens)
-        return z[:, :first_tokens] + self.tuner(z[:, :first_tokens])
+            return z + self.tuner(read)
+        if self.tuner.mixes_tokens:
+            return z[:, :first_tokens] + self.tuner(read, first_tokens=first_tokens)
+        return z[:, :first_tokens] + self.tuner(read[:, :first_tokens])
 
 
 def _make_tuner(choice: str | dict[str, Any], config: BypassConfig, width: int, last: bool, anchor: nn.Module) -> Any:
@@ -183,8 +202,8 @@ def anchor_dim(block: nn.Module) -> int:
     return block.attn.qkv.in_features
 
 
-def _mixes_tokens(module: nn.Module | None) -> bool:
-    return module is not None and any(getattr(m, "mixes_tokens", False) for m in module.modules())
+def _mixes_tokens(module: SwiftResAdapter | _Residual | None) -> bool:
+    return module is not None and module.mixes_tokens
 
 
 def _answers_first_tokens(module: nn.Module | None) -> bool:
@@ -261,7 +280,7 @@ class Bypass(nn.Module):
             raise ValueError(f"Bypass needs a timm VisionTransformer-like backbone, got {type(backbone).__name__}")
         if not isinstance(num_classes, int) or num_classes <= 0:
             raise ValueError(f"Bypass: num_classes must be a positive int, got {num_classes!r}")
-        self.config = resolve_bypass_config(spec)
+        self.config: BypassConfig = resolve(spec, kind=BYPASS)
         self.backbone = backbone.requires_grad_(False).eval()
         self.keys = feature_keys(backbone, self.config.blocks)
         steps = len(self.keys) - 1
@@ -373,7 +392,7 @@ class Bypass(nn.Module):
 
 
 class MultiTask(nn.Module):
-    """One frozen backbone pass feeding the Bypasses of several tasks (specs/res-tuning.md §8).
+    """One frozen backbone pass feeding the Bypasses of several tasks (docs/methods/res-tuning.md).
 
     ``forward(images)`` returns ``{task: logits}``, equal to running each Bypass alone; the backbone's features are
     computed once, with all tokens only if some task needs them. It runs under ``torch.inference_mode()``: train each

@@ -2,8 +2,9 @@
 
 The frozen backbone is never saved: the JSON records which architecture the tensors fit and a fingerprint of the
 frozen weights, so loading onto another backbone fails clearly and loading onto differently pretrained weights warns.
-Each file is written atomically (temporary file, fsync, rename) and the JSON, written last, records the weights'
-SHA-256, so a write torn by a crash is detected on load instead of silently mixing two checkpoints.
+Each file is written atomically (``restune.atomic``) and the JSON, written last, records the weights' SHA-256, so a
+write torn by a crash is detected on load instead of silently mixing two checkpoints. The JSON also records the spec
+kind (``tuners`` or ``bypass``); saving and loading dispatch on it through one table each.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from restune.atomic import atomic_write
 from restune.binding import TunerSet
-from restune.spec import TuneSpec, resolve_spec
+from restune.bypass import BYPASS, Bypass
+from restune.spec import TUNERS, TuneSpec, resolve
 from restune.tune import (
     backbone_parameters,
     build_tuners,
@@ -145,21 +148,21 @@ def _write_checkpoint(directory: Path, tensors: dict[str, torch.Tensor], meta: d
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     weights = directory / WEIGHTS_NAME
-    _atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(weights, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     meta = {
         **meta,
         "weights_sha256": _sha256(weights),
         "tensors": {k: list(v.shape) for k, v in tensors.items()},
     }
     text = json.dumps(meta, indent=2) + "\n"
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(text))
     return directory
 
 
-def _save_bypass(bypass: Any, directory: Path) -> Path:
+def _save_bypass(bypass: Bypass, directory: Path, name: str | None) -> Path:
     meta = {
         "format_version": CHECKPOINT_FORMAT_VERSION,
-        "kind": "bypass",
+        "kind": BYPASS,
         "config": bypass.config.to_dict(),
         "num_classes": bypass.num_classes,
         "architecture": architecture(bypass.backbone),
@@ -168,10 +171,8 @@ def _save_bypass(bypass: Any, directory: Path) -> Path:
     return _write_checkpoint(directory, bypass.state_dict(), meta)
 
 
-def _load_bypass(model: nn.Module, directory: Path, meta: dict[str, Any], strict: bool) -> nn.Module:
-    from restune.bypass import Bypass, resolve_bypass_config
-
-    config = resolve_bypass_config(meta["config"])
+def _load_bypass(model: nn.Module, directory: Path, meta: dict[str, Any], name: str | None, strict: bool) -> nn.Module:
+    config = resolve(meta["config"], kind=BYPASS)
     if isinstance(model, Bypass):
         same = {**model.config.to_dict(), "preset": None} == {**config.to_dict(), "preset": None}
         if not same or model.num_classes != meta["num_classes"]:
@@ -189,19 +190,6 @@ def _load_bypass(model: nn.Module, directory: Path, meta: dict[str, Any], strict
     _check_fingerprint(directory, meta, backbone, strict)
     target.load_state_dict(tensors, strict=True)
     return target
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as file:
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _sha256(path: Path) -> str:
@@ -223,10 +211,13 @@ def save(model: nn.Module, directory: str | os.PathLike, *, name: str | None = N
     Returns:
         The directory.
     """
-    from restune.bypass import Bypass
+    saver = _SAVERS[BYPASS if isinstance(model, Bypass) else TUNERS]
+    return saver(model, Path(directory), name)
 
+
+def _save_tuners(model: nn.Module, directory: Path, name: str | None) -> Path:
     if isinstance(model, Bypass):
-        return _save_bypass(model, Path(directory))
+        raise ValueError("a Bypass is saved as a bypass checkpoint; call restune.save(bypass, directory)")
     store = get_store(model)
     if store is None:
         raise ValueError("this model has no restune tuners to save; call restune.tune(model, spec) first")
@@ -235,13 +226,13 @@ def save(model: nn.Module, directory: str | os.PathLike, *, name: str | None = N
         raise ValueError(f"no tuner set {set_name!r}; this model has {', '.join(store.sets)}")
     meta = {
         "format_version": CHECKPOINT_FORMAT_VERSION,
-        "kind": "tuners",
+        "kind": TUNERS,
         "set": set_name,
         "spec": store.sets[set_name].spec.to_dict(),
         "architecture": architecture(model),
         "fingerprint": fingerprint(model),
     }
-    return _write_checkpoint(Path(directory), _set_tensors(model, set_name), meta)
+    return _write_checkpoint(directory, _set_tensors(model, set_name), meta)
 
 
 def _read_meta(directory: Path) -> dict[str, Any]:
@@ -280,18 +271,20 @@ def load(model: nn.Module, directory: str | os.PathLike, *, name: str | None = N
     Returns:
         The model (for a Bypass checkpoint on a plain backbone: the new Bypass).
     """
-    from restune.bypass import Bypass
-
     directory = Path(directory)
     meta = _read_meta(directory)
-    kind = meta.get("kind", "tuners")
-    if kind == "bypass":
-        return _load_bypass(model, directory, meta, strict)
+    kind = meta.get("kind", TUNERS)
+    if kind not in _LOADERS:
+        raise ValueError(f"{directory} holds a {kind!r} checkpoint; this restune reads {', '.join(_LOADERS)}")
+    return _LOADERS[kind](model, directory, meta, name, strict)
+
+
+def _load_tuners(model: nn.Module, directory: Path, meta: dict[str, Any], name: str | None, strict: bool) -> nn.Module:
     if isinstance(model, Bypass):
         raise ValueError(f"{directory} holds tuners for a timm model, not a Bypass; load it into the timm model")
     _check_architecture(directory, meta, model)
     set_name = name or meta["set"]
-    spec = resolve_spec(meta["spec"])
+    spec = resolve(meta["spec"], kind=TUNERS)
     tensors = load_file(directory / WEIGHTS_NAME)
     store = get_store(model)
     attach = store is None or set_name not in store.sets
@@ -315,3 +308,11 @@ def load(model: nn.Module, directory: str | os.PathLike, *, name: str | None = N
         for key, target in _set_tensors(model, set_name).items():
             target.copy_(tensors[key])
     return model
+
+
+# Spec kind -> how a checkpoint of that kind is written and read.
+_SAVERS: dict[str, Callable[[Any, Path, str | None], Path]] = {TUNERS: _save_tuners, BYPASS: _save_bypass}
+_LOADERS: dict[str, Callable[[nn.Module, Path, dict[str, Any], str | None, bool], nn.Module]] = {
+    TUNERS: _load_tuners,
+    BYPASS: _load_bypass,
+}

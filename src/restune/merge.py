@@ -1,8 +1,9 @@
 """Fold mergeable tuners into the frozen weights for free inference, and undo it.
 
-Weight deltas (LoRA, Res-LoRA, RLRR, HTA, SNELL) add ``delta_weight()`` (and ``delta_bias()``) to their linear or to
-its q/k/v row block; affine tuners fold into a neighbour: an "after" tuner (SSF) into the op it follows, a "before"
-tuner (ARC) into the linear that reads its output (``fold_into``). Everything is computed in fp32 from the current
+Each mergeable tuner folds itself through the contract's one protocol, ``Tuner.fold(site, plan)``: weight deltas
+(LoRA, Res-LoRA, RLRR, HTA, SNELL) add ``delta_weight()`` (and ``delta_bias()``) to their linear or to its q/k/v row
+block; affine tuners fold into a neighbour: an "after" tuner (SSF) into the op it follows, a "before" tuner (ARC) into
+the linear that reads its output. Lower ``fold_order`` folds first. Everything is computed in fp32 from the current
 weights, checked for NaN/Inf, and only then written, cast back to each weight's dtype. After a full merge no restune
 module or hook is left: the model is the plain timm model. ``unmerge`` restores the exact pre-merge weights and the
 tuners from a record kept in this process (never in the model's state_dict).
@@ -11,18 +12,18 @@ tuners from a record kept in this process (never in the model's state_dict).
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 
-from restune.binding import AttentionHost, TunerSet, TunerStore
-from restune.sites import LINEAR, NORM, PATCH_EMBED, STORE_ATTR, Site, find_sites
+from restune.binding import TunerSet, TunerStore
+from restune.bypass import Bypass
+from restune.contract import Tuner
+from restune.sites import STORE_ATTR, find_sites
 from restune.tune import get_store
-from restune.tuners.base import Binding, Tuner
 
 __all__ = ["merge", "unmerge", "MergeResult", "is_mergeable"]
 
@@ -49,7 +50,7 @@ class _Record:
     store: TunerStore
     originals: dict[str, torch.Tensor]
     full: bool
-    tables: list[tuple[Any, str, dict]] = field(default_factory=list)
+    restores: list[Callable[[], None]] = field(default_factory=list)
     nodes: list[tuple[nn.Module, dict]] = field(default_factory=list)
 
 
@@ -57,23 +58,16 @@ _RECORDS: weakref.WeakKeyDictionary[nn.Module, _Record] = weakref.WeakKeyDiction
 
 
 def is_mergeable(tuner: Tuner) -> bool:
-    """Whether a tuner folds into frozen weights (input-dependent scales and branches do not)."""
-    scale = getattr(tuner, "scale", None)
-    if scale is not None and getattr(scale, "kind", None) == "gate":
-        return False
-    if tuner.binding is Binding.WEIGHT_DELTA:
-        return True
-    if tuner.binding is Binding.AFFINE:
-        return tuner.position == "after" or hasattr(tuner, "fold_into")
-    return False
+    """Whether a tuner folds into frozen weights (its declared ``mergeable`` capability)."""
+    return tuner.mergeable
 
 
-def _label(key: str, tuner: Tuner) -> str:
+def _label(tuner: Tuner) -> str:
     return f"{tuner.config.type} at {tuner.site_name}"
 
 
 class _Plan:
-    """New fp32 values of frozen tensors, accumulated before anything is written."""
+    """New fp32 values of frozen tensors, accumulated before anything is written (a ``FoldPlan``)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.names = {id(p): n for n, p in model.named_parameters()}
@@ -105,43 +99,6 @@ def _fp32(tuner: Tuner) -> Iterator[None]:
             tuner.to(original)
 
 
-def _fold_delta(plan: _Plan, site: Site, tuner: Tuner) -> None:
-    linear = site.module
-    rows = slice(*site.rows) if site.rows is not None else slice(None)
-    weight = plan.get(linear.weight)
-    weight[rows] += tuner.delta_weight().to(torch.float32)
-    bias_delta = tuner.delta_bias()
-    if bias_delta is not None:
-        if linear.bias is None:
-            raise ValueError(f"{tuner.config.type} at {site.name} shifts a bias, but the linear has none")
-        plan.get(linear.bias)[rows] += bias_delta.to(torch.float32)
-
-
-def _fold_after(plan: _Plan, site: Site, tuner: Tuner) -> None:
-    scale, shift = tuner.scale.to(torch.float32), tuner.shift.to(torch.float32)
-    module = site.module
-    if site.kind == PATCH_EMBED:
-        module = module.proj
-    if site.kind in (LINEAR, PATCH_EMBED):
-        weight = plan.get(module.weight)
-        plan.set(module.weight, weight * scale.view(-1, *([1] * (weight.dim() - 1))))
-    elif site.kind == NORM:
-        plan.set(module.weight, plan.get(module.weight) * scale)
-    else:
-        raise ValueError(f"cannot fold {tuner.config.type} after a {site.kind} site ({site.name})")
-    if module.bias is None:
-        raise ValueError(f"{tuner.config.type} at {site.name} shifts a bias, but {site.name} has none")
-    plan.set(module.bias, plan.get(module.bias) * scale + shift)
-
-
-def _fold_before(plan: _Plan, site: Site, tuner: Tuner) -> None:
-    linear = tuner.fold_target(site)
-    weight, bias = tuner.fold_into(plan.get(linear.weight), plan.get(linear.bias) if linear.bias is not None else None)
-    plan.set(linear.weight, weight)
-    if linear.bias is not None:
-        plan.set(linear.bias, bias)
-
-
 def merge(model: nn.Module, *, partial: bool = False) -> MergeResult:
     """Fold the active set's mergeable tuners into the frozen weights.
 
@@ -153,8 +110,6 @@ def merge(model: nn.Module, *, partial: bool = False) -> MergeResult:
         ValueError: a non-mergeable tuner without ``partial``, a Bypass, several tuner sets, or a NaN/Inf in a merged
             weight (checked before anything changes).
     """
-    from restune.bypass import Bypass
-
     if isinstance(model, Bypass):
         raise ValueError("a Bypass is a parallel network and does not merge; serve several tasks with MultiTask")
     store = get_store(model)
@@ -169,20 +124,16 @@ def merge(model: nn.Module, *, partial: bool = False) -> MergeResult:
     tuners = tuner_set.named_tuners()
     skipped = [(k, t) for k, t in tuners if not is_mergeable(t)]
     if skipped and not partial:
-        names = ", ".join(_label(k, t) for k, t in skipped)
+        names = ", ".join(_label(t) for _, t in skipped)
         raise ValueError(f"not mergeable: {names}; pass partial=True to fold the others and keep these")
     chosen = [(k, t) for k, t in tuners if is_mergeable(t)]
     sites = find_sites(model)
     plan = _Plan(model)
     with torch.no_grad():
-        for stage in (Binding.WEIGHT_DELTA, "after", "before"):
-            for _, tuner in chosen:
-                site = sites[tuner.site_name]
-                with _fp32(tuner):
-                    if stage is Binding.WEIGHT_DELTA and tuner.binding is Binding.WEIGHT_DELTA:
-                        _fold_delta(plan, site, tuner)
-                    elif tuner.binding is Binding.AFFINE and tuner.position == stage:
-                        (_fold_after if stage == "after" else _fold_before)(plan, site, tuner)
+        # Stable sort: within one order the tuners fold in attachment order.
+        for _, tuner in sorted(chosen, key=lambda pair: pair[1].fold_order):
+            with _fp32(tuner):
+                tuner.fold(sites[tuner.site_name], plan)
         bad = [plan.names[i] for i, v in plan.values.items() if not bool(torch.isfinite(v).all())]
         if bad:
             raise ValueError(f"merging would put NaN or Inf into {bad}; nothing was changed")
@@ -197,8 +148,8 @@ def merge(model: nn.Module, *, partial: bool = False) -> MergeResult:
         _remove_tuners(store, tuner_set, [t for _, t in chosen], record)
     _RECORDS[model] = record
     return MergeResult(
-        [_label(k, t) for k, t in chosen],
-        [_label(k, t) for k, t in skipped],
+        [_label(t) for _, t in chosen],
+        [_label(t) for _, t in skipped],
         sorted(originals),
         list(tuner_set.backbone_names),
     )
@@ -206,13 +157,7 @@ def merge(model: nn.Module, *, partial: bool = False) -> MergeResult:
 
 def _remove_tuners(store: TunerStore, tuner_set: TunerSet, removed: list[Tuner], record: _Record) -> None:
     ids = {id(t) for t in removed}
-    for host in store.hosts.values():
-        tables = ("entries",) if isinstance(host, AttentionHost) else ("entries", "before", "after")
-        for table_name in tables:
-            table = getattr(host, table_name)
-            record.tables.append((host, table_name, {k: list(v) for k, v in table.items()}))
-            for set_name, entries in table.items():
-                table[set_name] = [e for e in entries if id(e[0] if isinstance(e, tuple) else e) not in ids]
+    record.restores = [host.unregister(removed) for host in store.hosts.values()]
     for node in list(tuner_set.tuners.modules()):
         record.nodes.append((node, dict(node._modules)))
         for name, child in list(node._modules.items()):
@@ -241,9 +186,8 @@ def unmerge(model: nn.Module) -> nn.Module:
         model.add_module(STORE_ATTR, record.store)
         record.store.attach_hooks()
     else:
-        for host, table_name, table in record.tables:
-            getattr(host, table_name).clear()
-            getattr(host, table_name).update(table)
+        for restore in record.restores:
+            restore()
         for node, modules in record.nodes:
             node._modules.clear()
             node._modules.update(modules)

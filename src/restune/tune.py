@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from restune.binding import AttentionHost, ModuleHost, TokenHost, TunerSet, TunerStore
+from restune.contract import Binding, Tuner, get_tuner
 from restune.sites import STORE_ATTR, Site, find_sites, match_sites
 from restune.spec import TuneSpec, resolve_spec
-from restune.tuners.base import Binding, Tuner, get_tuner
 
 __all__ = [
     "tune",
@@ -122,7 +122,7 @@ def _check_tokens(built: list[tuple[Site, Tuner]]) -> None:
         if site.name in seen:
             raise ValueError(f"two token tuners on {site.name}: a block takes one set of prompt tokens")
         seen.add(site.name)
-    lengths = {module.length for _, module in built}
+    lengths = {module.added_tokens for _, module in built}
     if len(lengths) > 1:
         raise ValueError(f"token tuners of one set must share one prompt length, got {sorted(lengths)}")
 

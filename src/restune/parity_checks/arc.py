@@ -1,4 +1,4 @@
-"""Parity of ARC against the ``arc_vit`` fixtures (official ``Model/ARC_ViT.py``; fixtures README §5.3).
+"""Parity of ARC against the ``arc_vit`` fixtures (official ``Model/ARC_ViT.py``; docs/fixtures.md §5.3).
 
 The fixture's tensors map onto restune's ARC adapters as follows (``<p>`` is ``attn`` or ``mlp``):
 
@@ -18,7 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from restune.parity import Comparison, build_fixture_vit
+from restune.parity_checks.common import Comparison, build_fixture_vit
+from restune.spec import TuneSpec
+from restune.tune import tune
+from restune.tuners.arc import ARCConfig
 
 __all__ = ["CHECKS", "check_arc_vit"]
 
@@ -56,16 +59,13 @@ def _sources(model: nn.Module, t: dict[str, torch.Tensor]) -> dict[str, nn.Param
 
 def check_arc_vit(meta: dict[str, Any], t: dict[str, torch.Tensor]) -> dict[str, Any]:
     """ARC on the fixture's ViT: logits (and any merged qkv/fc1 weights) and every gradient, at its tolerance."""
-    import restune
-    from restune.tuners.arc import ARCConfig
-
     cfg = meta["config"]
     mode = cfg.get("tuning_mode", "ARC")
     if mode not in _MODES:
         raise ValueError(f"arc_vit: tuning_mode {mode!r} is not one of {sorted(_MODES)}")
     model = build_fixture_vit(meta, t)
     config = ARCConfig(sites=_MODES[mode], r=int(cfg["rank_r"]), dropout=float(cfg.get("adapter_dropout", 0.0)))
-    restune.tune(model, restune.TuneSpec([config], head="train"))
+    tune(model, TuneSpec([config], head="train"))
     sources = _sources(model, t)
     with torch.no_grad():
         for key, param in sources.items():

@@ -2,7 +2,7 @@
 
 Both checks build restune's own modules through ``restune.tune`` (so the hooks that run in training are the ones
 checked), copy the fixture's tuner values in, run forward and backward on ``(output * cotangent).sum()`` and
-compare every ``outputs.*`` and ``grads.*`` tensor with the fixture's tolerance (fixtures README §2a, §5.1-5.2).
+compare every ``outputs.*`` and ``grads.*`` tensor with the fixture's tolerance (docs/fixtures.md §2a, §5.1-5.2).
 """
 
 from __future__ import annotations
@@ -13,7 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from restune.parity import Comparison, build_fixture_vit
+from restune.parity_checks.common import Comparison, build_fixture_vit
+from restune.spec import TuneSpec
+from restune.tune import tune
+from restune.tuners.rlrr import RLRRConfig, rlrr_spec
 
 __all__ = ["CHECKS", "check_rlrr_linear", "check_rlrr_vit"]
 
@@ -54,16 +57,13 @@ def _load(sources: dict[str, nn.Parameter], t: dict[str, Tensor], cmp: Compariso
 
 def check_rlrr_linear(meta: dict[str, Any], t: dict[str, Tensor]) -> dict[str, Any]:
     """RLRR on one ``nn.Linear`` (official ``RLRRLinear``): y, the merged weight and bias, and every gradient."""
-    import restune
-    from restune.tuners.rlrr import RLRRConfig
-
     cfg = meta["config"]
     linear = nn.Linear(cfg["in_features"], cfg["out_features"], bias=bool(cfg["bias"]))
     with torch.no_grad():
         linear.weight.copy_(t["frozen.weight"])
         if linear.bias is not None:
             linear.bias.copy_(t["frozen.bias"])
-    model = restune.tune(_OneLinear(linear), restune.TuneSpec([RLRRConfig(sites=["linear"])], head="freeze"))
+    model = tune(_OneLinear(linear), TuneSpec([RLRRConfig(sites=["linear"])], head="freeze"))
     tuner = _tuners(model)["linear.rlrr"]
     cmp = Comparison(meta["tolerance"])
     sources = {f"tuner.{name}": param for name, param in tuner.named_parameters()}
@@ -108,11 +108,8 @@ def check_rlrr_vit(meta: dict[str, Any], t: dict[str, Tensor]) -> dict[str, Any]
     The library's default sites are used, not sites read off the fixture, so a placement that differs from the
     official one shows up as fixture tensors without a home (or restune parameters the fixture does not set).
     """
-    import restune
-    from restune.tuners.rlrr import rlrr_spec
-
     model = build_fixture_vit(meta, t)
-    restune.tune(model, rlrr_spec())
+    tune(model, rlrr_spec())
     sources: dict[str, nn.Parameter] = {"tuner.head.weight": model.head.weight, "tuner.head.bias": model.head.bias}
     for key, tuner in _tuners(model).items():
         site, _, kind = key.rpartition(".")

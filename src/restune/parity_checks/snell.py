@@ -1,4 +1,4 @@
-"""Parity checks for SNELL / KLoRA on one linear (fixtures README §5.4): stems ``snell_linear_{sparse,klora}``.
+"""Parity checks for SNELL / KLoRA on one linear (docs/fixtures.md §5.4): stems ``snell_linear_{sparse,klora}``.
 
 The fixture's linear is wrapped in a one-child module so ``restune.tune`` finds it as a site and the tuner runs
 through the same hook as on a ViT. Every shape and hyper-parameter comes from the JSON; the stored factors are
@@ -14,7 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from restune.parity import Comparison
+from restune.parity_checks.common import Comparison
+from restune.spec import TuneSpec
+from restune.tune import tune
+from restune.tuners.snell import SnellConfig
 
 __all__ = ["CHECKS", "check_snell_linear"]
 
@@ -35,9 +38,6 @@ class _Holder(nn.Module):
 
 def check_snell_linear(meta: dict[str, Any], t: dict[str, torch.Tensor]) -> dict[str, Any]:
     """SNELL (init_thres > 0) or KLoRA (init_thres = 0) on one ``nn.Linear``, eval mode, fp32."""
-    import restune
-    from restune.tuners.snell import SnellConfig
-
     cfg = meta["config"]
     if cfg.get("tuner_bias", False):
         raise ValueError("snell fixture with tuner_bias=true: restune's SNELL branch has no bias (official default)")
@@ -62,7 +62,7 @@ def check_snell_linear(meta: dict[str, Any], t: dict[str, torch.Tensor]) -> dict
         dropout=0.0,
         drop_path=0.0,
     )
-    restune.tune(model, restune.TuneSpec([config], head="freeze"))
+    tune(model, TuneSpec([config], head="freeze"))
     tuner = dict(model.restune.sets["default"].named_tuners())["linear.snell"]
     params = dict(tuner.named_parameters())
     sources: dict[str, nn.Parameter] = {}

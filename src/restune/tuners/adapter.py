@@ -3,11 +3,11 @@
 Two modules live here because the paper uses the adapter in two roles with different numerics:
 
 - ``ResAdapter``, the standalone parallel tuner: OP'(u) = OP(u) + s * (phi(u W_down + b_down) W_up + b_up), with
-  W_up = b_up = 0 so the tuned model starts as the pretrained one (specs/res-tuning.md §2; the library's choice,
+  W_up = b_up = 0 so the tuned model starts as the pretrained one (docs/methods/res-tuning.md; the library's choice,
   there is no official standalone code).
 - ``SwiftResAdapter``, the module of the bypass exactly as modelscope/swift's ``ResAdapter``:
   RA(z) = z + s * (phi(z W1 + c1) W2 + c2), identity shortcut inside, Xavier weights and N(0, 1e-6) biases
-  (specs/res-tuning.md §7.3). The ``restuning_res_adapter`` parity fixture checks it.
+  (docs/methods/res-tuning.md, the bypass). The ``restuning_res_adapter`` parity fixture checks it.
 """
 
 from __future__ import annotations
@@ -17,10 +17,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from restune.contract import (
+    Binding,
+    Tuner,
+    TunerConfig,
+    default_sites,
+    positive_int,
+    register_preset,
+    register_tuner,
+)
+from restune.layers.activations import make_activation
+from restune.layers.scale import Scale, check_scale, scale_count
 from restune.sites import ATTN, BLOCK, LINEAR, MLP, Site
-from restune.tuners.activations import make_activation
-from restune.tuners.base import Binding, Tuner, TunerConfig, default_sites, positive_int, register_tuner
-from restune.tuners.scale import Scale, check_scale
+from restune.spec import TuneSpec
 
 __all__ = ["ResAdapterConfig", "ResAdapter", "SwiftResAdapter"]
 
@@ -75,6 +84,18 @@ class ResAdapter(Tuner):
             nn.init.zeros_(self.up.weight)
             nn.init.zeros_(self.up.bias)
 
+    @classmethod
+    def parameter_count(cls, config: ResAdapterConfig, sites: list[Site]) -> int:
+        return sum(
+            s.in_features * config.dim + config.dim + config.dim * s.out_features + s.out_features
+            + scale_count(config.scale, s.out_features)
+            for s in sites
+        )  # fmt: skip
+
+    @property
+    def starts_at_pretrained(self) -> bool:
+        return True  # W_up = b_up = 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.scale(self.up(self.act(self.down(x))))
 
@@ -115,6 +136,11 @@ class SwiftResAdapter(nn.Module):
         # Created after the Xavier initialisation so a gate keeps nn.Linear's default init, as in swift.
         self.scale = Scale(scale, dim, device=device, dtype=dtype)
 
+    @property
+    def mixes_tokens(self) -> bool:
+        """Only a ``gate`` scale (averaged over tokens) makes one token's output read the others."""
+        return self.scale.depends_on_input
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         in_dtype = z.dtype
         z = z.to(self.down_proj.weight.dtype)
@@ -123,3 +149,4 @@ class SwiftResAdapter(nn.Module):
 
 
 register_tuner("res_adapter", ResAdapterConfig, ResAdapter)
+register_preset("res_adapter", lambda: TuneSpec([ResAdapterConfig()]))  # 193,668 on ViT-B/16

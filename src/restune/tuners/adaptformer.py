@@ -1,6 +1,6 @@
 """AdaptFormer (NeurIPS 2022): a bottleneck beside the FFN, reading the FFN's input, with a fixed scale.
 
-mlp'(u2) = mlp(u2) + s * (ReLU(u2 W_down + b_down) W_up + b_up), r = 8, s = 0.1 (specs/baselines.md §3). The same
+mlp'(u2) = mlp(u2) + s * (ReLU(u2 W_down + b_down) W_up + b_up), r = 8, s = 0.1 (docs/methods/baselines.md). The same
 module as Res-Adapter on an ``mlp`` site; what differs is the defaults and the LoRA-style initialisation that makes
 it start exactly at the pretrained model.
 """
@@ -8,18 +8,17 @@ it start exactly at the pretrained model.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from restune.contract import default_sites, register_preset, register_tuner
 from restune.sites import Site
 from restune.spec import TuneSpec
 from restune.tuners.adapter import ResAdapter, ResAdapterConfig
-from restune.tuners.base import default_sites, register_tuner
 
-__all__ = ["AdaptFormerConfig", "AdaptFormer", "PRESETS"]
+__all__ = ["AdaptFormerConfig", "AdaptFormer"]
 
 
 @dataclass
@@ -54,4 +53,4 @@ class AdaptFormer(ResAdapter):
 
 register_tuner("adaptformer", AdaptFormerConfig, AdaptFormer)
 
-PRESETS: dict[str, Callable[[], TuneSpec]] = {"adaptformer": lambda: TuneSpec([AdaptFormerConfig()])}  # 156,768
+register_preset("adaptformer", lambda: TuneSpec([AdaptFormerConfig()]))  # 156,768 on ViT-B/16

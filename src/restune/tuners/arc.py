@@ -3,22 +3,30 @@
 One affine map per (block, position) applied to the input of ``blocks.i.attn`` and ``blocks.i.mlp`` (after the
 pre-LN, before the frozen sub-layer): A(h) = h + Dropout(h (U diag(c))) U^T + b. One U per position is shared by
 every block, so almost all of ARC's parameters are the two D x r matrices. A is affine and feeds only the sub-layer,
-so it folds exactly into the following frozen linear (``qkv`` or ``fc1``). Spec: specs/arc.md.
+so it folds exactly into the following frozen linear (``qkv`` or ``fc1``). Spec: docs/methods/arc.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from restune.contract import (
+    Binding,
+    FoldPlan,
+    Tuner,
+    TunerConfig,
+    default_sites,
+    positive_int,
+    register_preset,
+    register_tuner,
+)
 from restune.sites import ATTN, MLP, Site
 from restune.spec import TuneSpec
-from restune.tuners.base import Binding, Tuner, TunerConfig, default_sites, positive_int, register_tuner
 
-__all__ = ["ARCConfig", "ARCAdapter", "ARC_SITES", "ARC_ATT_SITES", "PRESETS"]
+__all__ = ["ARCConfig", "ARCAdapter", "ARC_SITES", "ARC_ATT_SITES"]
 
 ARC_SITES = r"blocks\.\d+\.(attn|mlp)"
 ARC_ATT_SITES = r"blocks\.\d+\.attn"
@@ -87,6 +95,7 @@ class ARCAdapter(Tuner):
     binding = Binding.AFFINE
     site_kinds = frozenset({ATTN, MLP})
     position = "before"
+    fold_order = 2  # into the next linear, after that linear's own weight deltas (which read the adapted input)
 
     def __init__(self, config: ARCConfig, site: Site, shared_U: nn.Parameter | None = None) -> None:
         """Build the per-site c and b; ``shared_U`` is the position's shared U (None: a private, initialised U)."""
@@ -123,6 +132,16 @@ class ARCAdapter(Tuner):
                 _init_projection(shared[kind])
         return tuners
 
+    @classmethod
+    def parameter_count(cls, config: ARCConfig, sites: list[Site]) -> int:
+        shared = {s.kind: s.in_features * config.r for s in sites}
+        return sum(shared.values()) + sum(config.r + s.in_features for s in sites)
+
+    @property
+    def starts_at_pretrained(self) -> bool:
+        config: ARCConfig = self.config  # c = 0 (and b = 0) makes the adapter the identity map
+        return (config.attn_rescale_init if self.kind == ATTN else config.mlp_rescale_init) == "zero"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.dropout(x @ (self.U * self.rescale))
         return x + (hidden @ self.U.t() + self.bias)
@@ -158,6 +177,15 @@ class ARCAdapter(Tuner):
                 new_bias = new_bias + bias.detach().to(device=w.device, dtype=torch.float64)
             return (w @ matrix.t()).to(weight.dtype), new_bias.to(weight.dtype)
 
+    def fold(self, site: Site, plan: FoldPlan) -> None:
+        """Fold into the frozen linear after this adapter (``fold_target``), exact in eval mode."""
+        linear = self.fold_target(site)
+        bias = plan.get(linear.bias) if linear.bias is not None else None
+        weight, new_bias = self.fold_into(plan.get(linear.weight), bias)
+        plan.set(linear.weight, weight)
+        if linear.bias is not None:
+            plan.set(linear.bias, new_bias)
+
     def extra_repr(self) -> str:
         return f"site={self.site_name}, r={self.rescale.numel()}, shared U {tuple(self.U.shape)}"
 
@@ -174,7 +202,5 @@ def _init_projection(U: nn.Parameter) -> None:
 
 register_tuner("arc", ARCConfig, ARCAdapter)
 
-PRESETS: dict[str, Callable[[], TuneSpec]] = {
-    "arc": lambda: TuneSpec([ARCConfig()], head="train"),  # 96,432 on ViT-B/16
-    "arc_att": lambda: TuneSpec([ARCConfig(sites=ARC_ATT_SITES)], head="train"),  # 48,216
-}
+register_preset("arc", lambda: TuneSpec([ARCConfig()], head="train"))  # 96,432 on ViT-B/16
+register_preset("arc_att", lambda: TuneSpec([ARCConfig(sites=ARC_ATT_SITES)], head="train"))  # 48,216

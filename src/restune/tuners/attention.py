@@ -2,7 +2,7 @@
 
 R(u) = [o_1 ... o_h] B_o with o_j = softmax(q_j k_j^T / sqrt(d)) v_j, q = u A_q, k = u A_k, v = u A_v (bias-free
 D -> r projections split into h heads of width d = r / h), and OP'(u) = OP(u) + s * R(u). Only the abstract is public
-and there is no official code: this is the library's reading (specs/res-attn.md).
+and there is no official code: this is the library's reading (docs/methods/res-attn.md).
 """
 
 from __future__ import annotations
@@ -14,9 +14,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from restune.contract import (
+    Binding,
+    Tuner,
+    TunerConfig,
+    default_sites,
+    positive_int,
+    register_preset,
+    register_tuner,
+)
+from restune.layers.scale import Scale, check_scale, scale_count
 from restune.sites import ATTN, BLOCK, MLP, Site
-from restune.tuners.base import Binding, Tuner, TunerConfig, default_sites, positive_int, register_tuner
-from restune.tuners.scale import Scale, check_scale
+from restune.spec import TuneSpec
 
 __all__ = ["ResAttnConfig", "ResAttn"]
 
@@ -86,6 +95,18 @@ class ResAttn(Tuner):
         self.attn_dropout = config.attn_dropout
         self.scale = Scale(config.scale, site.out_features, config.scale_init, **factory)
 
+    @classmethod
+    def parameter_count(cls, config: ResAttnConfig, sites: list[Site]) -> int:
+        return sum(
+            (3 * s.in_features + s.out_features) * config.r + config.prefix_length * s.in_features
+            + scale_count(config.scale, s.out_features)
+            for s in sites
+        )  # fmt: skip
+
+    @property
+    def starts_at_pretrained(self) -> bool:
+        return True  # B_o = 0
+
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         *lead, tokens, width = x.shape
         return x.view(*lead, tokens, self.heads, width // self.heads).transpose(-3, -2)
@@ -102,3 +123,4 @@ class ResAttn(Tuner):
 
 
 register_tuner("res_attn", ResAttnConfig, ResAttn)
+register_preset("res_attn", lambda: TuneSpec([ResAttnConfig()]))  # 589,836 on ViT-B/16

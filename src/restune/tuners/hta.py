@@ -5,7 +5,7 @@ product, added to a frozen linear (paper Eq. 6, row-vector layout y = x W + b):
 
     ΔW = W_down W_up + H(v_l) diag(d) H(v_r),     H(v) = I − v vᵀ   (paper form; I − 2 v vᵀ/‖v‖² as an option)
 
-There is no public official code and no parity fixture (specs/hta.md §7), so the paper's equations and parameter
+There is no public official code and no parity fixture (docs/methods/hta.md), so the paper's equations and parameter
 counts are the reference; the initialisation, the dropout position and the rectangular generalisation are the
 library's choices, stated in the spec.
 """
@@ -13,27 +13,26 @@ library's choices, stated in the spec.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from restune.contract import Binding, Tuner, TunerConfig, default_sites, register_preset, register_tuner
 from restune.sites import LINEAR, Site
 from restune.spec import TuneSpec
-from restune.tuners.base import Binding, Tuner, TunerConfig, default_sites, register_tuner
 
-__all__ = ["HTAConfig", "HTA", "HTA_SITES", "HTA_STYLES", "PRESETS", "hta_count"]
+__all__ = ["HTAConfig", "HTA", "HTA_SITES", "HTA_STYLES", "hta_count"]
 
-# The four square D x D weights of every block (specs/hta.md §2): split q, k, v of the fused qkv, and W_o.
+# The four square D x D weights of every block (docs/methods/hta.md): split q, k, v of the fused qkv, and W_o.
 HTA_SITES = ["attn.q", "attn.k", "attn.v", "attn.proj"]
 HTA_STYLES = ("lora", "adapter")
 
 
 @dataclass
 class HTAConfig(TunerConfig):
-    """HTA options; the defaults are the ``hta`` preset (specs/hta.md §10).
+    """HTA options; the defaults are the ``hta`` preset (docs/methods/hta.md).
 
     Target sets are chosen with ``sites`` (list entries match dotted suffixes): any subset of ``attn.q``,
     ``attn.k``, ``attn.v``, ``attn.proj`` (W_o), ``mlp.fc1``, ``mlp.fc2`` (rectangular weights use the spec's
@@ -45,7 +44,7 @@ class HTAConfig(TunerConfig):
         style: ``lora`` adds x ΔW to the linear's output (paper Eq. 6); ``adapter`` adds o ΔW_A to its output o
             (paper Eq. 7, put it on ``attn.proj`` for the MHA output and ``mlp.fc2`` for the FFN output).
         dropout: dropout on the input of the ΔW branch (x for ``lora``, o for ``adapter``); the paper tunes an
-            "adapter dropout" without saying where it acts (specs/hta.md §6).
+            "adapter dropout" without saying where it acts (docs/methods/hta.md).
     """
 
     sites: str | list[str] = default_sites(HTA_SITES)
@@ -66,7 +65,7 @@ class HTAConfig(TunerConfig):
 
 
 def hta_count(in_features: int, out_features: int, rank: int = 1, style: str = "lora") -> int:
-    """Trainable parameters of one HTA tuner (specs/hta.md §4).
+    """Trainable parameters of one HTA tuner (docs/methods/hta.md).
 
     LoRA style on a D_in -> D_out linear: D_in + D_out + min(D_in, D_out) + D'(D_in + D_out) (5 D for D' = 1 and a
     square weight). Adapter style acts on the D_out-wide output: 3 D_out + 2 D' D_out.
@@ -100,7 +99,7 @@ class HTA(Tuner):
     tuner sees the linear's input, so this style costs one extra matmul of the frozen linear.
 
     Attaches to linear sites: by default the split q, k, v row blocks of every ``attn.qkv`` and every ``attn.proj``
-    (the four D x D weights of a block, inferred from the paper's counts, specs/hta.md §2).
+    (the four D x D weights of a block, inferred from the paper's counts, docs/methods/hta.md).
 
     Merges exactly: ``delta_weight()`` is ΔWᵀ in PyTorch (out, in) layout (of the site's rows for q/k/v), formed in
     at least fp32; ``delta_bias()`` is None. Adapter style folds as W_o ← W_o (I + ΔW_A), b_o ← b_o (I + ΔW_A):
@@ -111,7 +110,7 @@ class HTA(Tuner):
     491,520). Adapter style: 3 D_out + 2 D'·D_out per site.
 
     Defaults vs the official code: none is public. The defaults follow the paper (H(v) = I − v vᵀ, D' = 1, q/k/v/o)
-    and the library's initialisation (specs/hta.md §3): d = 0 and W_up = 0, so ΔW = 0 and the tuned model starts as
+    and the library's initialisation (docs/methods/hta.md): d = 0 and W_up = 0, so ΔW = 0 and the tuned model starts as
     the pretrained one; v_l ~ N(0, 1/D_in), v_r ~ N(0, 1/D_out); W_down Kaiming-uniform(√5) on its stored (D', D_in)
     shape (bound 1/√D_in). Stored shapes: ``v_l`` (D_in,), ``v_r`` (D_out,), ``d`` (min(D_in, D_out),), ``w_down``
     (D', D_in), ``w_up`` (D_out, D'), so (x W_down) W_up = x w_downᵀ w_upᵀ.
@@ -145,6 +144,14 @@ class HTA(Tuner):
             self.register_parameter("w_down", None)
             self.register_parameter("w_up", None)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+    @classmethod
+    def parameter_count(cls, config: HTAConfig, sites: list[Site]) -> int:
+        return sum(hta_count(s.in_features, s.out_features, config.rank, config.style) for s in sites)
+
+    @property
+    def starts_at_pretrained(self) -> bool:
+        return True  # d = 0 and W_up = 0
 
     def hta(self, x: torch.Tensor) -> torch.Tensor:
         """The added term x ΔW for row vectors x (..., D_in), through the factorised form."""
@@ -197,6 +204,4 @@ class HTA(Tuner):
 
 register_tuner("hta", HTAConfig, HTA)
 
-PRESETS: dict[str, Callable[[], TuneSpec]] = {
-    "hta": lambda: TuneSpec([HTAConfig()], head="train"),  # 184,320 on ViT-B/16
-}
+register_preset("hta", lambda: TuneSpec([HTAConfig()], head="train"))  # 184,320 on ViT-B/16

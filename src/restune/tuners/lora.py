@@ -3,7 +3,7 @@
 Both add a rank-r product to a frozen linear: lin'(x) = x W^T + b + s * (drop(x) A^T) B^T with A (r, D_in)
 Kaiming-uniform(sqrt 5) and B (D_out, r) = 0, so training starts at the pretrained model. They differ only in s:
 LoRA uses peft's fixed alpha / r (or alpha / sqrt(r) with rsLoRA); Res-LoRA's s is a Res-Tuner scale (a learnable
-scalar initialised to 1 by default, specs/res-tuning.md §5). Both are weight deltas and merge exactly:
+scalar initialised to 1 by default, docs/methods/res-tuning.md). Both are weight deltas and merge exactly:
 W_pt <- W_pt + s * B A.
 """
 
@@ -15,9 +15,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from restune.contract import (
+    Binding,
+    Tuner,
+    TunerConfig,
+    default_sites,
+    positive_int,
+    register_preset,
+    register_tuner,
+)
+from restune.layers.scale import Scale, check_scale, scale_count
 from restune.sites import LINEAR, Site
-from restune.tuners.base import Binding, Tuner, TunerConfig, default_sites, positive_int, register_tuner
-from restune.tuners.scale import Scale, check_scale
+from restune.spec import TuneSpec
 
 __all__ = ["LoraConfig", "ResLoraConfig", "LowRankDelta"]
 
@@ -99,9 +108,18 @@ class LowRankDelta(Tuner):
             nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         if isinstance(config, LoraConfig):
-            self.scale = Scale(f"scalar_{config.scaling!r}", site.out_features, **factory)
+            self.scale = Scale("fixed", site.out_features, value=config.scaling, **factory)
         else:
             self.scale = Scale(config.scale, site.out_features, config.scale_init, **factory)
+
+    @classmethod
+    def parameter_count(cls, config: LoraConfig | ResLoraConfig, sites: list[Site]) -> int:
+        scale = config.scale if isinstance(config, ResLoraConfig) else "none"
+        return sum(config.r * (s.in_features + s.out_features) + scale_count(scale, s.out_features) for s in sites)
+
+    @property
+    def starts_at_pretrained(self) -> bool:
+        return True  # B = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.scale(self.dropout(x) @ self.A.t() @ self.B.t())
@@ -116,3 +134,5 @@ class LowRankDelta(Tuner):
 
 register_tuner("lora", LoraConfig, LowRankDelta)
 register_tuner("res_lora", ResLoraConfig, LowRankDelta)
+register_preset("lora", lambda: TuneSpec([LoraConfig()]))  # 294,912 on ViT-B/16
+register_preset("res_lora", lambda: TuneSpec([ResLoraConfig()]))  # 294,936

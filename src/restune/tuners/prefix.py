@@ -3,7 +3,7 @@
 attn'(u) = MHA(u) + s * [P_1 ... P_H] W_o with P_h = softmax(Q_h K^_h^T / sqrt(d_h)) V^_h: the prefix keys and values
 K^, V^ (l, D) form a parallel attention term instead of being concatenated into the backbone's softmax. Q is the
 backbone's own (frozen) query and W_o the frozen output projection, without a second bias. There is no official
-code; this is the library's reading (specs/res-tuning.md §3).
+code; this is the library's reading (docs/methods/res-tuning.md).
 """
 
 from __future__ import annotations
@@ -15,11 +15,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from restune.contract import (
+    Binding,
+    Tuner,
+    TunerConfig,
+    default_sites,
+    positive_int,
+    register_preset,
+    register_tuner,
+)
+from restune.layers.scale import Scale, check_scale, scale_count
 from restune.sites import ATTN, Site
-from restune.tuners.base import Binding, Tuner, TunerConfig, default_sites, positive_int, register_tuner
-from restune.tuners.scale import Scale, check_scale
+from restune.spec import TuneSpec
 
-__all__ = ["ResPrefixConfig", "ResPrefix", "AttentionBranchTuner"]
+__all__ = ["ResPrefixConfig", "ResPrefix", "AttentionBranchTuner", "attention_width"]
 
 
 class AttentionBranchTuner(Tuner):
@@ -77,15 +86,28 @@ class ResPrefix(AttentionBranchTuner):
     def __init__(self, config: ResPrefixConfig, site: Site) -> None:
         super().__init__(config, site)
         factory = {"device": site.device, "dtype": site.dtype}
-        width = site.attention.qkv.out_features // 3
+        width = attention_width(site)
         self.keys = nn.Parameter(torch.empty(config.length, width, **factory))
         self.values = nn.Parameter(torch.zeros(config.length, width, **factory))
         with torch.no_grad():
             nn.init.xavier_uniform_(self.keys)
         self.scale = Scale(config.scale, site.out_features, config.scale_init, **factory)
 
+    @classmethod
+    def parameter_count(cls, config: ResPrefixConfig, sites: list[Site]) -> int:
+        return sum(2 * config.length * attention_width(s) + scale_count(config.scale, s.out_features) for s in sites)
+
+    @property
+    def starts_at_pretrained(self) -> bool:
+        return True  # V^ = 0
+
     def keys_values(self, attention: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         return self.keys, self.values
+
+
+def attention_width(site: Site) -> int:
+    """Width of the keys and values of an attention site (one third of its fused qkv)."""
+    return site.attention.qkv.out_features // 3
 
 
 def frozen_projection(attention: nn.Module, index: int, tokens: torch.Tensor) -> torch.Tensor:
@@ -98,3 +120,4 @@ def frozen_projection(attention: nn.Module, index: int, tokens: torch.Tensor) ->
 
 
 register_tuner("res_prefix", ResPrefixConfig, ResPrefix)
+register_preset("res_prefix", lambda: TuneSpec([ResPrefixConfig()]))  # 184,332 on ViT-B/16

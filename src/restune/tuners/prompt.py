@@ -2,7 +2,7 @@
 
 attn'(u) = MHA(u) + s * [P_1' ... P_H'] W_o with K_p = P W_k + b_k and V_p = P W_v + b_v from learnable tokens P
 (l, D), P_h' = softmax(Q_h K_p,h^T / sqrt(d_h)) V_p,h. s starts at 0: the branch is a convex combination of the rows
-of V_p, which no choice of distinct prompts makes vanish (specs/res-tuning.md §4). No official code exists.
+of V_p, which no choice of distinct prompts makes vanish (docs/methods/res-tuning.md). No official code exists.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from restune.contract import TunerConfig, default_sites, positive_int, register_preset, register_tuner
+from restune.layers.scale import Scale, check_scale, scale_count
 from restune.sites import Site
-from restune.tuners.base import TunerConfig, default_sites, positive_int, register_tuner
+from restune.spec import TuneSpec
 from restune.tuners.prefix import AttentionBranchTuner, frozen_projection
-from restune.tuners.scale import Scale, check_scale
 
 __all__ = ["ResPromptConfig", "ResPrompt"]
 
@@ -62,8 +63,18 @@ class ResPrompt(AttentionBranchTuner):
         init = config.scale_init if config.scale_init is not None else (0.0 if learnable else None)
         self.scale = Scale(config.scale, site.out_features, init, **factory)
 
+    @classmethod
+    def parameter_count(cls, config: ResPromptConfig, sites: list[Site]) -> int:
+        return sum(config.length * s.in_features + scale_count(config.scale, s.out_features) for s in sites)
+
+    @property
+    def starts_at_pretrained(self) -> bool:
+        config: ResPromptConfig = self.config  # a learnable s starts at 0 unless scale_init says otherwise
+        return config.scale in ("scale", "scale_channel") and not config.scale_init
+
     def keys_values(self, attention: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         return frozen_projection(attention, 1, self.tokens), frozen_projection(attention, 2, self.tokens)
 
 
 register_tuner("res_prompt", ResPromptConfig, ResPrompt)
+register_preset("res_prompt", lambda: TuneSpec([ResPromptConfig()]))  # 92,172 on ViT-B/16

@@ -1,22 +1,29 @@
 """RLRR: Residual-based Low-Rank Rescaling (Dong et al., CVPR 2024, arXiv 2403.19067; zstarN70/RLRR).
 
 Every frozen linear of every block is rescaled element-wise by a rank-1 matrix around the identity and its bias is
-shifted: W'_pt = W_pt ⊙ (1 + s_out s_inᵀ), b' = b + f (PyTorch (out, in) layout; specs/rlrr.md §1). The LayerNorm
+shifted: W'_pt = W_pt ⊙ (1 + s_out s_inᵀ), b' = b + f (PyTorch (out, in) layout; docs/methods/rlrr.md). The LayerNorm
 outputs and the patch tokens get SSF scale/shift pairs, reused from ``restune.tuners.ssf``; the ``rlrr`` preset
-combines both. Everything merges exactly into the frozen weights (specs/rlrr.md §5).
+combines both. Everything merges exactly into the frozen weights (docs/methods/rlrr.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from restune.contract import (
+    Binding,
+    Tuner,
+    TunerConfig,
+    default_sites,
+    positive_int,
+    register_preset,
+    register_tuner,
+)
 from restune.sites import LINEAR, Site
 from restune.spec import TuneSpec
-from restune.tuners.base import Binding, Tuner, TunerConfig, default_sites, positive_int, register_tuner
 from restune.tuners.ssf import SSFConfig
 
 __all__ = [
@@ -26,10 +33,9 @@ __all__ = [
     "RLRR_FUSED_SITES",
     "RLRR_SSF_SITES",
     "rlrr_spec",
-    "PRESETS",
 ]
 
-# The six linears of every block with q, k, v split (specs/README.md §2.3): the official code's separate linears.
+# The six linears of every block with q, k, v split (docs/methods/README.md): the official code's separate linears.
 RLRR_SITES = ["attn.q", "attn.k", "attn.v", "attn.proj", "mlp.fc1", "mlp.fc2"]
 # The fused-qkv option: q, k, v as one D -> 3D linear (fewer parameters, no longer the papers' count).
 RLRR_FUSED_SITES = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
@@ -79,8 +85,8 @@ class RLRRLinear(Tuner):
     frozen weight is overwritten, since the delta is a function of it.
 
     Count per site: r·D_in + r·D_out + D_out. ViT-B/16 with split q, k, v (r = 1): 20,736 per block, 248,832 in all;
-    with the SSF pairs of the preset (12·4·768 + 2·2·768) 288,768 (specs/rlrr.md §4). General formula for the preset:
-    L·[Σ_linears (D_in + 2·D_out) + 4D] + 4D.
+    with the SSF pairs of the preset (12·4·768 + 2·2·768) 288,768 (docs/methods/rlrr.md). General formula for the
+    preset: L·[Σ_linears (D_in + 2·D_out) + 4D] + 4D.
 
     Defaults vs the official code: ``scale_col``/``scale_line`` are ``kaiming_uniform_`` (a = 0) of the official
     shapes, so bounds √(6/D_in) and √6; ``shift_bias`` is zero. The official code evaluates W ⊙ s_in ⊙ s_out + W; the
@@ -116,6 +122,14 @@ class RLRRLinear(Tuner):
         weight = self._frozen.weight
         return weight if self.rows is None else weight[self.rows[0] : self.rows[1]]
 
+    @classmethod
+    def parameter_count(cls, config: RLRRConfig, sites: list[Site]) -> int:
+        return sum(config.rank * (s.in_features + s.out_features) + s.out_features for s in sites)
+
+    @property
+    def starts_at_pretrained(self) -> bool:
+        return self.config.init == "zero"  # s_out = 0 and f = 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.frozen_weight
         if self.scale_col.shape[0] == 1:
@@ -146,7 +160,7 @@ def rlrr_spec(
     fused_qkv: bool = False,
     ssf: bool = True,
 ) -> TuneSpec:
-    """RLRR as in the paper, or one of the options of specs/rlrr.md §10.
+    """RLRR as in the paper, or one of the options in docs/methods/rlrr.md.
 
     Args:
         init: ``kaiming`` (official) or ``zero``; ``zero`` also starts the SSF pairs at the identity (γ = 1, β = 0),
@@ -164,5 +178,4 @@ def rlrr_spec(
     return TuneSpec(tuners, head="train")
 
 
-# specs/README.md §7: ``rlrr`` has 288,768 trainable parameters without the head on ViT-B/16.
-PRESETS: dict[str, Callable[[], TuneSpec]] = {"rlrr": rlrr_spec}
+register_preset("rlrr", rlrr_spec)  # 288,768 trainable parameters without the head on ViT-B/16

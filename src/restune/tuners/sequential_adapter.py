@@ -1,25 +1,24 @@
 """The bottleneck Adapter as NOAH reproduced it (the "Adapter" row of the VTAB-1k tables): sequential on the FFN.
 
 A(m) = m + phi(m W_down + b_down) W_up + b_up applied to the output m of ``mlp``, inside the residual branch, with
-QuickGELU and r = 8, no scale and no dropout (NOAH ``adapter_super.py``; specs/baselines.md §2). Unlike Res-Adapter it
-reads the op's output, not its input, so it is bound to the op rather than beside it.
+QuickGELU and r = 8, no scale and no dropout (NOAH ``adapter_super.py``; docs/methods/baselines.md). Unlike
+Res-Adapter it reads the op's output, not its input, so it is bound to the op rather than beside it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from restune.contract import Binding, Tuner, TunerConfig, default_sites, positive_int, register_preset, register_tuner
+from restune.layers.activations import make_activation
 from restune.sites import ATTN, BLOCK, LINEAR, MLP, Site
 from restune.spec import TuneSpec
-from restune.tuners.activations import make_activation
 from restune.tuners.adapter import SWIFT_BIAS_STD
-from restune.tuners.base import Binding, Tuner, TunerConfig, default_sites, positive_int, register_tuner
 
-__all__ = ["AdapterConfig", "Adapter", "PRESETS"]
+__all__ = ["AdapterConfig", "Adapter"]
 
 
 @dataclass
@@ -61,10 +60,14 @@ class Adapter(Tuner):
                 nn.init.xavier_uniform_(linear.weight)
                 nn.init.normal_(linear.bias, std=SWIFT_BIAS_STD)
 
+    @classmethod
+    def parameter_count(cls, config: AdapterConfig, sites: list[Site]) -> int:
+        return sum(2 * s.out_features * config.dim + config.dim + s.out_features for s in sites)
+
     def forward(self, output: torch.Tensor) -> torch.Tensor:
         return output + self.up(self.act(self.down(output)))
 
 
 register_tuner("adapter", AdapterConfig, Adapter)
 
-PRESETS: dict[str, Callable[[], TuneSpec]] = {"adapter": lambda: TuneSpec([AdapterConfig()])}  # 156,768
+register_preset("adapter", lambda: TuneSpec([AdapterConfig()]))  # 156,768 on ViT-B/16

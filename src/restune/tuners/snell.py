@@ -3,7 +3,7 @@
 A weight delta on every linear, built from low-rank factors through a non-linear kernel so its rank can exceed r, then
 sparsified by competition (only the largest-magnitude entries survive). The delta is recomputed under activation
 checkpointing, so the dense D_in x D_out matrix is never kept for backward: the optimiser and the autograd graph hold
-only the factors, which is the paper's memory argument (specs/snell.md §1.3).
+only the factors, which is the paper's memory argument (docs/methods/snell.md).
 """
 
 from __future__ import annotations
@@ -11,26 +11,30 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from restune.contract import (
+    Binding,
+    Tuner,
+    TunerConfig,
+    default_sites,
+    positive_int,
+    register_preset,
+    register_tuner,
+)
 from restune.sites import LINEAR, Site
-from restune.tuners.base import Binding, Tuner, TunerConfig, default_sites, positive_int, register_tuner
-
-if TYPE_CHECKING:  # restune.spec imports the tuner registry, so the presets import it lazily
-    from restune.spec import TuneSpec
+from restune.spec import TuneSpec
 
 __all__ = [
     "SnellConfig",
     "Snell",
     "SnellDelta",
     "SNELL_SITES",
-    "PRESETS",
     "kernel_delta",
     "linear_quantile",
     "sparsify",
@@ -53,7 +57,7 @@ class SnellConfig(TunerConfig):
         r: rank of the factors (official ``low_rank_dim``; the released VTAB scripts use 32).
         chunks: P, the number of chunks each r-dim factor row is split into (official ``num_Hs`` = 2).
         sparsity: s, the fraction of delta entries ZEROED (official ``init_thres``); 0 gives plain kernelized LoRA.
-            It is a per-task setting of the recipe (specs/snell.md §7); the official command-line default is 0.
+            It is a per-task setting of the recipe (docs/methods/snell.md); the official command-line default is 0.
         sparsifier: ``code`` (official: keep |dW| > quantile(|dW|, s), multiply by the detached |dW|) or ``paper``
             (Eq. 5: dW * max(|dW| - t, 0) with t the ceil(s*n)-th smallest |dW|, treated as a constant).
         kernel_coeff: the kernel weights c_p, one per chunk; None gives the official (+0.1, -0.1, +0.1, ...).
@@ -207,36 +211,6 @@ def sparsify(dense: torch.Tensor, sparsity: float, sparsifier: str = "code") -> 
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class _SharedDropout:
-    """One dropout mask for the q, k and v branches of one fused qkv (official: a single Dropout before all three).
-
-    The host calls the three tuners in turn with the same input tensor; the first call draws the mask, the others
-    reuse the dropped tensor, and the cache is released once every member has read it. A different input (another
-    forward) always draws afresh. A plain object, not a module: it has no state worth saving.
-    """
-
-    def __init__(self, p: float, members: int) -> None:
-        self.p = p
-        self.members = members
-        self._source: torch.Tensor | None = None
-        self._dropped: torch.Tensor | None = None
-        self._uses = 0
-
-    def __call__(self, x: torch.Tensor, training: bool) -> torch.Tensor:
-        if not training or self.p == 0:
-            return x
-        if self._source is x and self._uses < self.members:
-            dropped = self._dropped
-            self._uses += 1
-            if self._uses >= self.members:
-                self._source = self._dropped = None
-            return dropped
-        dropped = F.dropout(x, self.p, training=True)
-        if self.members > 1:
-            self._source, self._dropped, self._uses = x, dropped, 1
-        return dropped
-
-
 def _skips_dropout(config: SnellConfig, site: Site) -> bool:
     return any(site.name == name or site.name.endswith("." + name) for name in config.dropout_skip)
 
@@ -271,7 +245,7 @@ class Snell(Tuner):
     binding = Binding.WEIGHT_DELTA
     site_kinds = frozenset({LINEAR})
 
-    def __init__(self, config: SnellConfig, site: Site, shared_dropout: _SharedDropout | None = None) -> None:
+    def __init__(self, config: SnellConfig, site: Site, shared_dropout: nn.Dropout | None = None) -> None:
         super().__init__(config, site)
         factory = {"device": site.device, "dtype": site.dtype}
         width = config.r // config.chunks
@@ -286,18 +260,35 @@ class Snell(Tuner):
         else:
             self.register_buffer("kernel_coeff", coeff)
         p = 0.0 if _skips_dropout(config, site) else config.dropout
-        self._dropout = shared_dropout if shared_dropout is not None and p > 0 else _SharedDropout(p, 1)
+        if p > 0:
+            self.input_dropout = shared_dropout if shared_dropout is not None else nn.Dropout(p)
+        else:
+            self.input_dropout = None
         self.drop_path = DropPath(config.drop_path) if config.drop_path > 0 else nn.Identity()
 
     @classmethod
     def build_all(cls, config: SnellConfig, sites: list[Site]) -> list[Tuner]:
-        """One tuner per site; the q, k, v row blocks of one fused qkv share one input-dropout mask."""
-        grouped = [s for s in sites if s.rows is not None and not _skips_dropout(config, s)]
-        counts: dict[int, int] = {}
-        for site in grouped:
-            counts[id(site.module)] = counts.get(id(site.module), 0) + 1
-        shared = {key: _SharedDropout(config.dropout, members) for key, members in counts.items()}
-        return [cls(config, site, shared[id(site.module)] if site in grouped else None) for site in sites]
+        """One tuner per site; the q, k, v row blocks of one fused qkv share one Dropout, so one mask.
+
+        The host applies a transform shared by several of its tuners once per forward (``input_transform``).
+        """
+        shared: dict[int, nn.Dropout] = {}
+        tuners: list[Tuner] = []
+        for site in sites:
+            dropout = None
+            if site.rows is not None and config.dropout > 0 and not _skips_dropout(config, site):
+                dropout = shared.setdefault(id(site.module), nn.Dropout(config.dropout))
+            tuners.append(cls(config, site, dropout))
+        return tuners
+
+    @classmethod
+    def parameter_count(cls, config: SnellConfig, sites: list[Site]) -> int:
+        coefficients = config.chunks if config.learn_coeff else 0
+        return sum(config.r * (s.in_features + s.out_features) + coefficients for s in sites)
+
+    @property
+    def input_transform(self) -> nn.Module | None:
+        return self.input_dropout
 
     def parts(self) -> SnellDelta:
         """Dense delta, threshold, mask and sparse delta, paper layout (D_in, D_out)."""
@@ -309,7 +300,7 @@ class Snell(Tuner):
         return x @ self.parts().delta.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._dropout(x, self.training)
+        """The branch for an input the host has already passed through ``input_transform`` (the dropout)."""
         if self.config.checkpoint and torch.is_grad_enabled():
             out = checkpoint(self._branch, x, use_reentrant=False, preserve_rng_state=False)
         else:
@@ -328,18 +319,11 @@ register_tuner("snell", SnellConfig, Snell)
 
 
 def _preset(r: int) -> Callable[[], TuneSpec]:
-    def build() -> TuneSpec:
-        from restune.spec import TuneSpec
-
-        return TuneSpec([SnellConfig(r=r)], head="train", train=["cls_token"])
-
-    return build
+    return lambda: TuneSpec([SnellConfig(r=r)], head="train", train=["cls_token"])
 
 
-# specs/README.md §7 (no head, ViT-B/16). s stays 0 here (official default); the recipe sets it per task (§7).
-PRESETS: dict[str, Callable[[], TuneSpec]] = {
-    "snell_8": _preset(8),  # 1,327,872
-    "snell_16": _preset(16),  # 2,654,976
-    "snell_32": _preset(32),  # 5,309,184
-    "snell": _preset(32),  # alias of snell_32
-}
+# No head, ViT-B/16. s stays 0 here (official default); the recipe sets it per task (docs/methods/snell.md).
+register_preset("snell_8", _preset(8))  # 1,327,872
+register_preset("snell_16", _preset(16))  # 2,654,976
+register_preset("snell_32", _preset(32))  # 5,309,184
+register_preset("snell", _preset(32))  # alias of snell_32

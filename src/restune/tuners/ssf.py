@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from restune.contract import Binding, FoldPlan, Tuner, TunerConfig, default_sites, register_preset, register_tuner
 from restune.sites import LINEAR, NORM, PATCH_EMBED, Site
-from restune.tuners.base import Binding, Tuner, TunerConfig, default_sites, register_tuner
+from restune.spec import TuneSpec
 
 __all__ = ["SSFConfig", "SSF", "SSF_SITES"]
 
@@ -45,6 +46,7 @@ class SSF(Tuner):
     binding = Binding.AFFINE
     site_kinds = frozenset({LINEAR, NORM, PATCH_EMBED})
     position = "after"
+    fold_order = 1  # after the weight deltas of the same op
 
     def __init__(self, config: SSFConfig, site: Site) -> None:
         super().__init__(config, site)
@@ -57,8 +59,32 @@ class SSF(Tuner):
             nn.init.normal_(self.scale, mean=1.0, std=config.init_std)
             nn.init.normal_(self.shift, mean=0.0, std=config.init_std)
 
+    @classmethod
+    def parameter_count(cls, config: SSFConfig, sites: list[Site]) -> int:
+        return sum(2 * s.out_features for s in sites)
+
+    @property
+    def starts_at_pretrained(self) -> bool:
+        return self.config.init_std == 0  # gamma = 1, beta = 0 exactly
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.scale + self.shift
 
+    def fold(self, site: Site, plan: FoldPlan) -> None:
+        """Fold into the op before: a linear's rows, a LayerNorm's affine, the patch convolution's channels."""
+        scale, shift = self.scale.to(torch.float32), self.shift.to(torch.float32)
+        module = site.module.proj if site.kind == PATCH_EMBED else site.module
+        if site.kind in (LINEAR, PATCH_EMBED):
+            weight = plan.get(module.weight)
+            plan.set(module.weight, weight * scale.view(-1, *([1] * (weight.dim() - 1))))
+        elif site.kind == NORM:
+            plan.set(module.weight, plan.get(module.weight) * scale)
+        else:
+            raise ValueError(f"cannot fold {self.config.type} after a {site.kind} site ({site.name})")
+        if module.bias is None:
+            raise ValueError(f"{self.config.type} at {site.name} shifts a bias, but {site.name} has none")
+        plan.set(module.bias, plan.get(module.bias) * scale + shift)
+
 
 register_tuner("ssf", SSFConfig, SSF)
+register_preset("ssf", lambda: TuneSpec([SSFConfig()]))  # 205,824 on ViT-B/16

@@ -3,23 +3,22 @@
 Shallow: p tokens go in after the class token before the first block and stay; deep: every tuned block gets its own
 p tokens at those positions, replacing what the previous block made of them. The tokens carry no position embedding,
 the head still reads the class token, and the final ``norm``'s output loses them again so ``forward_features`` keeps
-its usual shape (specs/baselines.md §4). A token binding: see ``restune.binding.TokenHost``.
+its usual shape (docs/methods/baselines.md). A token binding: see ``restune.binding.TokenHost``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from restune.contract import Binding, Tuner, TunerConfig, default_sites, positive_int, register_preset, register_tuner
 from restune.sites import BLOCK, Site
 from restune.spec import TuneSpec
-from restune.tuners.base import Binding, Tuner, TunerConfig, default_sites, positive_int, register_tuner
 
-__all__ = ["VPTConfig", "VPT", "PRESETS"]
+__all__ = ["VPTConfig", "VPT"]
 
 
 @dataclass
@@ -85,6 +84,14 @@ class VPT(Tuner):
                 "global_pool='token', or choose another tuner."
             )
 
+    @classmethod
+    def parameter_count(cls, config: VPTConfig, sites: list[Site]) -> int:
+        return sum(config.length * s.in_features for s in sites)
+
+    @property
+    def added_tokens(self) -> int:
+        return self.length
+
     def forward(self, batch: int) -> torch.Tensor:
         return self.dropout(self.prompts.expand(batch, -1, -1))
 
@@ -94,7 +101,5 @@ class VPT(Tuner):
 
 register_tuner("vpt", VPTConfig, VPT)
 
-PRESETS: dict[str, Callable[[], TuneSpec]] = {
-    "vpt_shallow": lambda: TuneSpec([VPTConfig(layers=[0])]),  # 38,400
-    "vpt_deep": lambda: TuneSpec([VPTConfig()]),  # 460,800
-}
+register_preset("vpt_shallow", lambda: TuneSpec([VPTConfig(layers=[0])]))  # 38,400 on ViT-B/16
+register_preset("vpt_deep", lambda: TuneSpec([VPTConfig()]))  # 460,800

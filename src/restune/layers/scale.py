@@ -1,6 +1,8 @@
-"""The scale s of a Res-Tuner: OP'(u) = OP(u) + s * R(u) (specs/res-tuning.md §1.1).
+"""The scale s of a Res-Tuner: OP'(u) = OP(u) + s * R(u) (docs/methods/res-tuning.md).
 
-The option names follow swift's ``adapter_weight`` values so configs read the same in both code bases.
+The option names follow swift's ``adapter_weight`` values so configs read the same in both code bases. A fixed scale
+is written ``scalar_<v>`` in a config (YAML and JSON stay plain strings); code that already holds the number passes
+it as ``Scale("fixed", channels, value=v)`` rather than formatting it into a string to be parsed back.
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["Scale", "check_scale", "SCALE_KINDS"]
+__all__ = ["Scale", "check_scale", "fixed_value", "scale_count", "SCALE_KINDS"]
 
 SCALE_KINDS = ("scale", "scale_channel", "gate", "scalar_<v>", "none")
 
 
-def _fixed_value(kind: str) -> float | None:
+def fixed_value(kind: str) -> float | None:
+    """The number of a ``scalar_<v>`` option (None for any other option or a non-finite number)."""
     if not kind.startswith("scalar_"):
         return None
     try:
@@ -27,7 +30,7 @@ def _fixed_value(kind: str) -> float | None:
 
 def check_scale(owner: str, kind: str, init: float | None = None) -> None:
     """Raise a ValueError naming the allowed scale options unless ``kind`` is one of them."""
-    if kind not in ("scale", "scale_channel", "gate", "none") and _fixed_value(kind) is None:
+    if kind not in ("scale", "scale_channel", "gate", "none") and fixed_value(kind) is None:
         raise ValueError(f"{owner}: unknown scale {kind!r}; use one of {', '.join(SCALE_KINDS)} (e.g. 'scalar_0.1')")
     if init is not None and kind not in ("scale", "scale_channel"):
         raise ValueError(f"{owner}: scale_init only applies to the learnable 'scale' and 'scale_channel', not {kind!r}")
@@ -38,7 +41,8 @@ class Scale(nn.Module):
 
     Options and their trainable counts: ``scale`` (one scalar, 1), ``scale_channel`` (one per output channel, C),
     ``gate`` (per sample, the token mean of sigmoid(R w_g + b_g), C + 1; w_g, b_g keep ``nn.Linear``'s default
-    initialisation as in swift), ``scalar_<v>`` (a fixed constant, 0) and ``none`` (s = 1, 0).
+    initialisation as in swift), ``scalar_<v>`` or ``fixed`` with ``value=v`` (a fixed constant, 0) and ``none``
+    (s = 1, 0). After construction ``kind`` is one of ``scale``, ``scale_channel``, ``gate``, ``fixed``, ``none``.
     """
 
     def __init__(
@@ -47,13 +51,20 @@ class Scale(nn.Module):
         channels: int,
         init: float | None = None,
         *,
+        value: float | None = None,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        check_scale("Scale", kind, init)
+        if kind == "fixed":
+            if value is None or not math.isfinite(value):
+                raise ValueError(f"Scale: a fixed scale needs a finite value, got {value!r}")
+        else:
+            check_scale("Scale", kind, init)
+            if kind.startswith("scalar_"):
+                kind, value = "fixed", fixed_value(kind)
         self.kind = kind
-        self.mixes_tokens = kind == "gate"  # the gate averages over tokens, so one token's output reads the others
+        self.value = value
         start = 1.0 if init is None else float(init)
         if kind == "scale":
             self.weight = nn.Parameter(torch.full((), start, device=device, dtype=dtype))
@@ -62,7 +73,7 @@ class Scale(nn.Module):
         elif kind == "gate":
             self.gate = nn.Linear(channels, 1, device=device, dtype=dtype)
         elif kind != "none":
-            self.register_buffer("weight", torch.tensor(_fixed_value(kind), device=device, dtype=dtype))
+            self.register_buffer("weight", torch.tensor(float(value), device=device, dtype=dtype))
 
     def forward(self, branch: torch.Tensor) -> torch.Tensor:
         if self.kind == "none":
@@ -73,6 +84,14 @@ class Scale(nn.Module):
                 gate = gate.mean(dim=tuple(range(1, gate.dim() - 1)), keepdim=True)
             return branch * gate
         return branch * self.weight
+
+    @property
+    def depends_on_input(self) -> bool:
+        """True for the gate, whose s is computed from the branch and averaged over tokens.
+
+        Such a scale neither folds into a weight nor keeps tokens independent of each other.
+        """
+        return self.kind == "gate"
 
     @property
     def is_scalar(self) -> bool:
@@ -86,4 +105,15 @@ class Scale(nn.Module):
         return None if self.kind == "none" else self.weight
 
     def extra_repr(self) -> str:
-        return self.kind
+        return f"fixed {self.value!r}" if self.kind == "fixed" else self.kind
+
+
+def scale_count(kind: str, channels: int) -> int:
+    """Trainable parameters of ``Scale(kind, channels)``: the count formulas of the tuners that hold one."""
+    if kind == "scale":
+        return 1
+    if kind == "scale_channel":
+        return channels
+    if kind == "gate":
+        return channels + 1
+    return 0

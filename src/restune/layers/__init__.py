@@ -1,0 +1,1 @@
+"""Building blocks shared by tuners and the bypass: the Res-Tuner scale and named activations."""
