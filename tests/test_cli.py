@@ -61,3 +61,49 @@ def test_unknown_model_and_preset_fail_clearly() -> None:
         main(["info", "--model", "not_a_model"])
     with pytest.raises(SystemExit, match="unknown task"):
         main(["demo", "--task", "nope"])
+
+
+def test_every_subcommand_has_one_handler_and_an_unknown_command_fails(capsys: pytest.CaptureFixture[str]) -> None:
+    from restune.cli import HANDLERS, _parser
+
+    assert _parser()[1] == set(HANDLERS) == {"info", "demo", "suite", "bench", "train", "eval", "sweep", "plot"}
+    with pytest.raises(SystemExit) as exited:
+        main(["nope"])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert "invalid choice" in error and "nope" in error
+
+
+# The flags of `restune train` as they were written by hand before they were generated from TrainConfig's fields.
+EVERY_TRAIN_FLAG = [
+    "--model", "m", "--pretrained-file", "w.npz", "--img-size", "64", "--random-init", "--data-dir", "d",
+    "--num-classes", "3", "--normalization", "none", "--num-workers", "2", "--recipe", "paper", "--protocol", "val",
+    "--epochs", "2", "--batch-size", "8", "--lr", "1e-2", "--weight-decay", "0", "--warmup-epochs", "1",
+    "--drop-path", "0.1", "--seed", "3", "--amp", "--grad-accum", "2", "--bypass-cache", "--device", "cpu",
+    "--output", "o", "--no-progress", "--tuner", "lora", "--dataset", "t", "--resume",
+]  # fmt: skip
+
+
+def test_run_flags_come_from_the_config_fields_with_their_names_types_and_none_defaults() -> None:
+    import dataclasses
+
+    from restune.cli import _parser
+    from restune.harness.cli import config_from_args
+    from restune.harness.config import TrainConfig
+
+    parser = _parser()[0]
+    config = config_from_args(parser.parse_args(["train", *EVERY_TRAIN_FLAG]))
+    assert config == TrainConfig(
+        model="m", pretrained_file="w.npz", img_size=64, random_init=True, data_dir="d", num_classes=3,
+        normalization="none", num_workers=2, recipe="paper", protocol="val", epochs=2, batch_size=8, lr=0.01,
+        weight_decay=0.0, warmup_epochs=1, drop_path=0.1, seed=3, amp=True, grad_accum=2, bypass_cache=True,
+        device="cpu", output="o", progress=False, tuner="lora", dataset="t", resume=True,
+    )  # fmt: skip
+    unset = vars(parser.parse_args(["train"]))  # every field has a flag, and it defaults to None so that -c files
+    assert all(unset[f.name] is None for f in dataclasses.fields(TrainConfig))  # and recipes show through
+    assert config_from_args(parser.parse_args(["train"])) == TrainConfig()
+    sweep = vars(parser.parse_args(["sweep", "--tasks", "a", "--presets", "lora", "--no-progress", "--amp"]))
+    assert sweep["progress"] is False and sweep["amp"] is True and not {"tuner", "dataset", "resume"} & set(sweep)
+    for wrong in (["--recipe", "nope"], ["--epochs", "two"], ["--tuner", "lora"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["sweep", "--tasks", "a", "--presets", "lora", *wrong])

@@ -105,7 +105,7 @@ def test_every_stale_cache_is_refused(tmp_path: Path, monkeypatch: pytest.Monkey
     for reason, key in stale.items():
         with pytest.raises(ValueError, match=reason):
             FeatureCache.load(tmp_path / "c", key)
-    monkeypatch.setattr(restune, "__version__", "99.0")
+    monkeypatch.setattr(restune.features, "__version__", "99.0")
     with pytest.raises(ValueError, match="versions"):
         FeatureCache.load(tmp_path / "c", CacheKey.expected(bypass, ITEMS, "resize", torch.float32))
 

@@ -1,24 +1,24 @@
-"""The ``restune`` command: ``info``, ``demo``, ``bench``, and the harness: ``train``, ``eval``, ``sweep``, ``plot``."""
+"""The ``restune`` command: ``info``, ``demo``, ``suite``, ``bench``, and the harness's ``train|eval|sweep|plot``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import timm
 import torch
 
 import restune
-from restune.bypass import bypass_presets
+from restune.atomic import atomic_write_text
+from restune.contract import get_tuner, tuner_names
 from restune.harness.cli import COMMANDS, add_commands, run_command
 from restune.report import Report, report
 from restune.tune import backbone_parameters
-from restune.tuners.base import get_tuner, tuner_names
 
-__all__ = ["main"]
+__all__ = ["main", "HANDLERS"]
 
 
 def _meta_model(name: str, num_classes: int) -> torch.nn.Module:
@@ -49,19 +49,15 @@ def info(model_name: str, num_classes: int) -> str:
             f"{counts.with_fgvc_head:,} | {share:.3f}% |"
         )
 
-    for preset in restune.presets():
-        model = restune.tune(_meta_model(model_name, num_classes), preset)
-        spec = model.restune.sets["default"].spec
-        parts = [t.type for t in spec.tuners] + ([f"backbone {spec.train}"] if spec.train else [])
-        lines.append(row(preset, " + ".join(parts) or "head only", report(model)))
-    for preset, config in bypass_presets().items():
-        bypass = restune.Bypass(_meta_model(model_name, num_classes), config, num_classes=num_classes)
-        lateral, vertical = (s if isinstance(s, str) else s["type"] for s in (config.lateral, config.vertical))
-        lines.append(row(preset, f"bypass: lateral {lateral}, vertical {vertical}", report(bypass)))
+    for preset in restune.presets(kind=None):  # both kinds, built alike
+        spec = restune.resolve(preset)
+        built = restune.build(_meta_model(model_name, num_classes), spec, num_classes=num_classes)
+        lines.append(row(preset, spec.describe(), report(built)))
     return "\n".join(lines)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, set[str]]:
+    """The parser and the names of its subcommands (which ``main`` checks against :data:`HANDLERS`)."""
     parser = argparse.ArgumentParser(prog="restune", description="Res-Tuning and related tuners for timm ViTs")
     parser.add_argument("--version", action="version", version=f"restune {restune.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -90,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p_bench.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     add_commands(commands)
-    return parser
+    return parser, set(commands.choices)
 
 
 def bench(args: argparse.Namespace) -> int:
@@ -120,30 +116,27 @@ def bench(args: argparse.Namespace) -> int:
         print(f"\n## {what} ({settings.model}, batch {batch}, {settings.device})\n")
         print(format_table(what, rows))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        atomic_write_text(args.json, json.dumps(results, indent=2, default=str) + "\n")
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``restune`` console script."""
-    args = _parser().parse_args(argv)
-    if args.command == "info":
-        print(info(args.model, args.num_classes))
-        return 0
-    if args.command == "bench":
-        return bench(args)
-    if args.command in COMMANDS:
-        return run_command(args)
-    if args.command == "suite":
-        from restune.suite import TASKS, write_suite
+def _info(args: argparse.Namespace) -> int:
+    print(info(args.model, args.num_classes))
+    return 0
 
-        unknown = sorted(set(args.tasks or []) - set(TASKS))
-        if unknown:
-            raise SystemExit(f"restune suite: unknown task(s) {unknown}; the suite has {', '.join(TASKS)}")
-        written = write_suite(args.output, tasks=args.tasks, seed=args.seed, test_size=args.test_size)
-        print("\n".join(f"{name}: {folder}" for name, folder in written.items()))
-        return 0
+
+def _suite(args: argparse.Namespace) -> int:
+    from restune.suite import TASKS, write_suite
+
+    unknown = sorted(set(args.tasks or []) - set(TASKS))
+    if unknown:
+        raise SystemExit(f"restune suite: unknown task(s) {unknown}; the suite has {', '.join(TASKS)}")
+    written = write_suite(args.output, tasks=args.tasks, seed=args.seed, test_size=args.test_size)
+    print("\n".join(f"{name}: {folder}" for name, folder in written.items()))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
     from restune.demo import DEMO_TASK, main_demo
     from restune.suite import TASKS
 
@@ -151,6 +144,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if task not in TASKS:
         raise SystemExit(f"restune demo: unknown task {task!r}; the offline suite has {', '.join(TASKS)}")
     return main_demo(args.output, task=task, epochs=args.epochs, seed=args.seed)
+
+
+#: Every subcommand and the function that runs it; ``main`` checks the parser offers exactly these.
+HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "info": _info,
+    "demo": _demo,
+    "suite": _suite,
+    "bench": bench,
+    **dict.fromkeys(COMMANDS, run_command),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``restune`` console script."""
+    parser, names = _parser()
+    unhandled = names ^ set(HANDLERS)
+    if unhandled:  # a subcommand added to the parser but not to HANDLERS (or the reverse) is a bug, not a fallback
+        raise SystemExit(f"restune: commands without both a parser and a handler: {', '.join(sorted(unhandled))}")
+    args = parser.parse_args(argv)  # an unknown command exits here (status 2) with argparse's list of choices
+    return HANDLERS[args.command](args)
 
 
 if __name__ == "__main__":

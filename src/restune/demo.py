@@ -17,10 +17,13 @@ from pathlib import Path
 
 import torch
 
+from restune.atomic import atomic_write, atomic_write_text
+from restune.harness import run_files
 from restune.harness.build import build_model, count, open_split, transforms_for
 from restune.harness.config import TrainConfig, resolved_recipe
-from restune.harness.loop import atomic_write_text, train
+from restune.harness.loop import train
 from restune.harness.memory import saved_for_backward
+from restune.optional import require
 
 __all__ = ["DemoRow", "METHODS", "run_demo", "format_results", "plot_results", "DEMO_TASK"]
 
@@ -40,6 +43,9 @@ METHODS: tuple[tuple[str, str, bool], ...] = (
 # (about 0.8 at 85% on 2,000 images, 1.6 on 500); evaluation is cheap next to training.
 DEMO_TEST_SIZE = 2000
 MEMORY_BATCH = 32
+RESULTS, CHART, DATA = "results.md", "demo.png", "data"  # inside --output
+RUNS = run_files.SWEEP_RUNS  # a sweep's name for its run folders, so `restune plot <output>` finds the demo's runs
+CHART_NEEDS = ("matplotlib.figure", "plot", "restune demo's chart")  # (module, extra, purpose) for optional.require
 
 
 @dataclass
@@ -91,8 +97,8 @@ def run_demo(
     from restune.suite import write_suite
 
     output = Path(output)
-    data = write_suite(output / "data", tasks=[task], seed=seed, test_size=DEMO_TEST_SIZE)[task].parent
-    runs = output / "runs"
+    data = write_suite(output / DATA, tasks=[task], seed=seed, test_size=DEMO_TEST_SIZE)[task].parent
+    runs = output / RUNS
     shutil.rmtree(runs, ignore_errors=True)  # a demo always trains afresh
     rows = []
     for label, preset, cached in METHODS:
@@ -135,11 +141,8 @@ def format_results(rows: list[DemoRow], task: str = DEMO_TASK) -> str:
 
 
 def plot_results(rows: list[DemoRow], path: str | Path) -> Path:
-    """Accuracy and saved-for-backward memory per method, side by side, as a PNG."""
-    from matplotlib.figure import Figure
-
-    path = Path(path)
-    figure = Figure(figsize=(13, 4.5), layout="constrained")
+    """Accuracy and saved-for-backward memory per method, side by side, as a PNG (written atomically)."""
+    figure = require(*CHART_NEEDS).Figure(figsize=(13, 4.5), layout="constrained")
     left, right = figure.subplots(1, 2)
     trained = [r for r in rows if r.accuracy is not None]
     left.bar([r.method for r in trained], [r.accuracy for r in trained], color="tab:blue")
@@ -154,20 +157,18 @@ def plot_results(rows: list[DemoRow], path: str | Path) -> Path:
     right.set_title("activation memory of one training step")
     for axis in (left, right):
         axis.tick_params(axis="x", labelrotation=20, labelsize=8)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp, dpi=120)
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
 
 
 def main_demo(output: str | Path = "restune-demo", *, task: str = DEMO_TASK, epochs: int = 5, seed: int = 0) -> int:
     """The ``restune demo`` command: train, print the table, write results.md and demo.png."""
+    require(*CHART_NEEDS)  # before minutes of training, not after
     began = time.perf_counter()
     rows = run_demo(output, task=task, epochs=epochs, seed=seed)
     table = format_results(rows, task)
     output = Path(output)
-    atomic_write_text(output / "results.md", table + "\n")
-    chart = plot_results(rows, output / "demo.png")
+    results = atomic_write_text(output / RESULTS, table + "\n")
+    chart = plot_results(rows, output / CHART)
     print("\n" + table)
-    print(f"\nwrote {output / 'results.md'} and {chart} in {time.perf_counter() - began:.0f} s")
+    print(f"\nwrote {results} and {chart} in {time.perf_counter() - began:.0f} s")
     return 0

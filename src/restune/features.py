@@ -1,13 +1,14 @@
-"""Feature caches for bypass training (specs/res-tuning.md §9).
+"""Feature caches for bypass training (docs/methods/res-tuning.md, the Bypass's feature cache).
 
 With a deterministic input pipeline and a frozen backbone in eval mode, the features a Bypass reads never change,
 so they are extracted once and the Bypass trains from the cache: a step becomes a few small matrix products. With
 class-token pruning a cache holds (L + 1) x D values per image (about 40 KB for ViT-B in fp32).
 
 A cache records what it was made from (a hash of the backbone weights, the transform, the dtype, the ordered item
-list, the feature layout and the library versions) and refuses to be used with anything else. It is written under a
-temporary name and renamed when complete, so a half-written cache is never read. On disk each feature is one raw
-array, memory-mapped on load.
+list, the feature layout and the library versions) and refuses to be used with anything else. It is written into a
+temporary folder (each file through :func:`restune.atomic.atomic_write`, so it is on disk before the folder is) and
+the folder is renamed when complete, so a half-written cache is never read. On disk each feature is one raw array,
+memory-mapped on load.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from restune.atomic import atomic_write, atomic_write_text
 from restune.bypass import Bypass
 from restune.checkpoint import fingerprint
+from restune.version import __version__
 
 __all__ = ["CacheKey", "FeatureCache", "extract", "train_from_cache", "check_deterministic", "describe_transform"]
 
@@ -91,8 +94,6 @@ class CacheKey:
 
     @classmethod
     def expected(cls, bypass: Bypass, items: Sequence[str], transform: Any, dtype: torch.dtype) -> CacheKey:
-        from restune import __version__
-
         versions = (("restune", __version__), ("timm", timm.__version__), ("torch", torch.__version__))
         return cls(
             backbone=fingerprint(bypass.backbone),
@@ -118,7 +119,8 @@ class CacheKey:
 
 def _write_array(tensor: torch.Tensor, path: Path) -> None:
     """Raw bytes of a tensor, readable back with ``torch.from_file`` (works for bf16, which numpy lacks)."""
-    tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tofile(path)
+    raw = tensor.detach().contiguous().cpu().view(torch.uint8).numpy()
+    atomic_write(path, lambda tmp: raw.tofile(tmp))
 
 
 class FeatureCache:
@@ -148,7 +150,7 @@ class FeatureCache:
                 layout[str(key)] = list(tensor.shape)
             _write_array(self.labels.to(torch.int64), tmp / "labels.bin")
             meta = {"format_version": CACHE_FORMAT_VERSION, "key": asdict(self.key), "layout": layout}
-            (tmp / "cache.json").write_text(json.dumps(meta, indent=2) + "\n")
+            atomic_write_text(tmp / "cache.json", json.dumps(meta, indent=2) + "\n")
             if path.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
                 os.replace(path, old / "cache")

@@ -1,4 +1,4 @@
-"""Parameter counts in the conventions papers use (specs/README.md §3.1).
+"""Parameter counts in the conventions papers use (docs/methods/README.md).
 
 Papers count the head in two ways, sometimes in one table: not at all, or at the benchmark's average class count
 (VTAB-1k: 940 classes over 19 tasks; FGVC: 1,173 over 5). The report gives every convention, labelled.

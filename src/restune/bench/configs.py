@@ -17,6 +17,7 @@ from torch import nn
 
 import restune
 from restune.backbones import block_features
+from restune.optional import require
 
 __all__ = ["Runner", "CONFIGS", "TRAINING", "FLOORS", "build", "make_backbone"]
 
@@ -60,10 +61,9 @@ def _linear(model: nn.Module) -> Runner:
 
 
 def _peft_lora(model: nn.Module) -> Runner:
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=8, lora_alpha=8, target_modules=["qkv"], lora_dropout=0.0, modules_to_save=["head"])
-    peft_model = get_peft_model(model, config).train()
+    peft = require("peft", "peft", "restune bench's peft_lora configuration")
+    config = peft.LoraConfig(r=8, lora_alpha=8, target_modules=["qkv"], lora_dropout=0.0, modules_to_save=["head"])
+    peft_model = peft.get_peft_model(model, config).train()
     return _trainer("peft LoRA (fused qkv)", peft_model, peft_model)
 
 

@@ -22,8 +22,11 @@ import torch
 from tqdm.auto import tqdm
 
 from restune.bench.configs import CONFIGS, build, make_backbone
+from restune.optional import require
 
 __all__ = ["BenchSettings", "memory", "speed", "multitask", "merge_latency", "format_table"]
+
+PEFT = ("peft", "peft", "restune bench (its peer: peft LoRA)")  # (module, extra, purpose) for optional.require
 
 
 @dataclass
@@ -55,7 +58,7 @@ def _status_kib(field: str) -> int:
 
 def measure_memory_here(settings: BenchSettings, name: str) -> dict[str, Any]:
     """One configuration's peak step memory in this process (the worker side of ``memory``)."""
-    import peft  # noqa: F401  (imported before the baseline, as every configuration pays for it)
+    require(*PEFT)  # imported before the baseline, as every configuration pays for it
     import timm  # noqa: F401
 
     device = torch.device(settings.device)
@@ -78,6 +81,7 @@ def measure_memory_here(settings: BenchSettings, name: str) -> dict[str, Any]:
 
 def memory(settings: BenchSettings, progress: bool = True) -> list[dict[str, Any]]:
     """Peak step memory of each configuration, each in a fresh subprocess."""
+    require(*PEFT)  # here, rather than as a traceback from the first worker
     results = []
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "TQDM_DISABLE": "1"}
     for name in tqdm(settings.configs, desc="memory", disable=not progress):
@@ -116,9 +120,9 @@ def speed(settings: BenchSettings, progress: bool = True) -> list[dict[str, Any]
 
 def multitask(settings: BenchSettings, tasks: tuple[int, ...] = (1, 5, 19), progress: bool = True) -> list[dict]:
     """N tasks on one batch: one MultiTask pass against N peft-LoRA passes switched with ``set_adapter``."""
-    from peft import LoraConfig, get_peft_model
-
     import restune
+
+    peft = require(*PEFT)
 
     device = torch.device(settings.device)
     images, _ = settings.batch()
@@ -129,8 +133,8 @@ def multitask(settings: BenchSettings, tasks: tuple[int, ...] = (1, 5, 19), prog
             backbone, {f"t{i}": restune.Bypass(backbone, num_classes=settings.num_classes) for i in range(count)}
         )
         peft_model = make_backbone(settings.model, settings.num_classes, settings.img_size, device)
-        config = LoraConfig(r=8, lora_alpha=8, target_modules=["qkv"], modules_to_save=["head"])
-        peft_model = get_peft_model(peft_model, config, adapter_name="t0").eval()
+        config = peft.LoraConfig(r=8, lora_alpha=8, target_modules=["qkv"], modules_to_save=["head"])
+        peft_model = peft.get_peft_model(peft_model, config, adapter_name="t0").eval()
         for i in range(1, count):
             peft_model.add_adapter(f"t{i}", config)
 

@@ -1,4 +1,4 @@
-"""Datasets and the input transform of the training harness (specs README §5 and §6).
+"""Datasets and the input transform of the training harness (docs/methods/README.md: data and protocols).
 
 - ``VtabFolder``: VTAB-1k in the shared ``<task>/<split>.txt`` + images format; ``VTAB_GROUPS`` for group means.
 - ``ImageFolderSplits``: FGVC and other ``<task>/{train,val,test}/<class>/`` trees, with VTAB split names mapped on.

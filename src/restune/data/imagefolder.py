@@ -1,4 +1,4 @@
-"""FGVC and other data as ImageFolder trees, addressed with the VTAB split names (specs README §5.2).
+"""FGVC and other data as ImageFolder trees, addressed with the VTAB split names (docs/methods/README.md).
 
     <root>/<task>/train/<class>/<image>
     <root>/<task>/val/<class>/<image>       (optional)

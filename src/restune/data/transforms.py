@@ -1,6 +1,6 @@
 """The evaluation-style input pipeline every VTAB-1k recipe trains with: direct resize, to tensor, normalise.
 
-The papers (specs README §6) resize straight to the model's input size with bicubic interpolation and use no
+The papers (docs/methods/README.md) resize straight to the model's input size with bicubic interpolation and use no
 augmentation and no centre crop, so ``crop_pct`` in timm's config is deliberately ignored. What differs between
 code bases is the normalisation: timm's config for the in21k ViTs (0.5/0.5, RLRR), the ImageNet statistics (NOAH,
 FacT, ARC, SNELL, V-PETL) or none (PETL_Vision). The result is deterministic, so feature caches accept it.

@@ -1,4 +1,4 @@
-"""VTAB-1k in the shared folder-and-list format (specs README §5.1).
+"""VTAB-1k in the shared folder-and-list format (docs/methods/README.md).
 
     <root>/<task>/<split>.txt      one "<relative path> <integer label>" per line, paths relative to <task>/
     <root>/<task>/images/...       the images (anywhere below <task>/; the lists say which belong to a split)
@@ -37,7 +37,7 @@ class VtabTaskInfo(NamedTuple):
 
 
 #: The 19 VTAB-1k task folders (names of the shared JPEG archive) in table order, with group, classes and test size
-#: (specs README §5.1). The harness uses the groups for the "mean of group means" convention (§3.2).
+#: (docs/methods/README.md). The harness uses the groups for the "mean of group means" convention.
 VTAB_GROUPS: dict[str, VtabTaskInfo] = {
     "cifar": VtabTaskInfo("Natural", 100, 10_000),
     "caltech101": VtabTaskInfo("Natural", 102, 6_084),

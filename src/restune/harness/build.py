@@ -1,4 +1,4 @@
-"""What a run trains: the backbone with its tuners (or a Bypass), its data and its optimizer groups.
+"""What a run trains: the backbone with its spec built on it (tuners or a Bypass), its data and optimizer groups.
 
 Kept apart from the loop so ``restune eval`` rebuilds exactly the model a run trained.
 """
@@ -6,37 +6,30 @@ Kept apart from the loop so ``restune eval`` rebuilds exactly the model a run tr
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 from torchvision import transforms
 
 import restune
 from restune import backbones
-from restune.bypass import Bypass, bypass_presets
+from restune.bypass import BYPASS
 from restune.data import VTAB_GROUPS, build_transform, open_dataset
 from restune.harness.config import TrainConfig
 from restune.harness.recipes import Recipe
+from restune.spec import resolve
 
-__all__ = ["bypass_spec", "build_model", "transforms_for", "open_split", "param_groups", "count"]
-
-
-def bypass_spec(tuner: str) -> str | dict[str, Any] | None:
-    """The Bypass spec a ``--tuner`` value names (a bypass preset, or a YAML file with ``type: bypass``), else None."""
-    if tuner in bypass_presets():
-        return tuner
-    if tuner.endswith((".yaml", ".yml")) and Path(tuner).is_file():
-        data = yaml.safe_load(Path(tuner).read_text())
-        if isinstance(data, dict) and data.get("type") == "bypass":
-            return data
-    return None
+__all__ = ["is_bypass", "build_backbone", "build_model", "transforms_for", "open_split", "param_groups", "count"]
 
 
-def build_model(config: TrainConfig, num_classes: int, recipe: Recipe) -> nn.Module:
-    """The backbone (pretrained from a local file, or shipped with restune) with the run's tuner attached."""
+def is_bypass(tuner: str) -> bool:
+    """Whether a ``--tuner`` value (a preset of either kind or a YAML spec) resolves to a Res-Tuning-Bypass."""
+    return resolve(tuner).kind == BYPASS
+
+
+def build_backbone(config: TrainConfig, num_classes: int, recipe: Recipe) -> nn.Module:
+    """The run's backbone, pretrained from a local file or shipped with restune (random only when asked)."""
     kwargs: dict[str, Any] = {"num_classes": num_classes, "drop_path_rate": recipe.drop_path}
     if config.img_size:
         kwargs["img_size"] = config.img_size
@@ -49,11 +42,12 @@ def build_model(config: TrainConfig, num_classes: int, recipe: Recipe) -> nn.Mod
             stacklevel=2,
         )
     pretrained = not config.random_init
-    backbone = backbones.create(config.model, pretrained_file=config.pretrained_file, pretrained=pretrained, **kwargs)
-    spec = bypass_spec(config.tuner)
-    model = (
-        Bypass(backbone, spec, num_classes=num_classes) if spec is not None else restune.tune(backbone, config.tuner)
-    )
+    return backbones.create(config.model, pretrained_file=config.pretrained_file, pretrained=pretrained, **kwargs)
+
+
+def build_model(config: TrainConfig, num_classes: int, recipe: Recipe) -> nn.Module:
+    """The backbone with the run's spec built on it: tuners attached, or a Bypass beside it (one table decides)."""
+    model = restune.build(build_backbone(config, num_classes, recipe), config.tuner, num_classes=num_classes)
     if recipe.zero_head:  # RLRR, ARC and HTA code start from a zero head
         with torch.no_grad():
             for param in model.get_classifier().parameters():

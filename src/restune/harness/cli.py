@@ -3,50 +3,50 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from restune.harness.config import PROTOCOLS, TrainConfig, apply_overrides, load_yaml
-from restune.harness.recipes import RECIPES
+from restune.harness import run_files
+from restune.harness.config import FLAG_GROUPS, TrainConfig, apply_overrides, load_yaml
 
 __all__ = ["add_commands", "run_command", "COMMANDS"]
 
 COMMANDS = ("train", "eval", "sweep", "plot")
 
 
-def _add_run_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags shared by ``train`` and ``sweep``; every default is None so the YAML file and recipe show through."""
-    model = parser.add_argument_group("model")
-    model.add_argument("--model", help="timm model name (default restune_vit_tiny, shipped pretrained)")
-    model.add_argument("--pretrained-file", help="local .safetensors/.pth (timm file overlay) or Google .npz weights")
-    model.add_argument("--img-size", type=int, help="input size, when not the model's default")
-    model.add_argument("--random-init", action="store_true", default=None, help="ignore shipped weights (baseline)")
-    data = parser.add_argument_group("data")
-    data.add_argument("--data-dir", help="folder holding the task folders (VTAB-1k lists or ImageFolder trees)")
-    data.add_argument("--num-classes", type=int, help="head size, checked against the labels (default: inferred)")
-    data.add_argument("--normalization", choices=["imagenet", "model", "none"], help="default: the recipe's")
-    data.add_argument("--num-workers", type=int, help="data loader worker processes (default 0)")
-    training = parser.add_argument_group("training")
-    training.add_argument("--recipe", choices=RECIPES, help="default (FacT/NOAH) or paper (the method's own code)")
-    training.add_argument("--protocol", choices=PROTOCOLS, help="final (default), paper or val")
-    training.add_argument("--epochs", type=int)
-    training.add_argument("--batch-size", type=int, help="global batch size (split over processes)")
-    training.add_argument("--lr", type=float)
-    training.add_argument("--weight-decay", type=float)
-    training.add_argument("--warmup-epochs", type=int)
-    training.add_argument("--drop-path", type=float, help="backbone stochastic depth (default: the recipe's)")
-    training.add_argument("--seed", type=int)
-    training.add_argument("--amp", action="store_true", default=None, help="bf16 autocast on GPU")
-    training.add_argument("--grad-accum", type=int, help="batches per optimizer step")
-    training.add_argument("--bypass-cache", action="store_true", default=None, help="train a Bypass from features")
-    training.add_argument("--device", help="auto (default), cpu or cuda")
-    out = parser.add_argument_group("output")
-    out.add_argument("--output", help="run folder (sweep: the sweep folder)")
-    out.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars")
+def _flag_type(hint: Any) -> type:
+    """The scalar type of an annotation such as ``int | None``."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def _add_run_flags(parser: argparse.ArgumentParser, command: str) -> None:
+    """The flags of ``train`` or ``sweep``, one per TrainConfig field that ``command`` takes, from the field metadata.
+
+    ``--kebab-case`` of the field name, the type of its annotation, its group, help and choices. Every default is None
+    so the YAML file and the recipe show through: a bool is ``--name`` (store_true), or ``--no-name`` (store_false)
+    when the field defaults to True, as ``--no-progress`` does.
+    """
+    hints = typing.get_type_hints(TrainConfig)
+    groups = {name: parser.add_argument_group(name) for name in FLAG_GROUPS}
+    for field in dataclasses.fields(TrainConfig):
+        meta = field.metadata
+        if command not in meta["commands"]:
+            continue
+        flag, group, kind = "--" + field.name.replace("_", "-"), groups[meta["group"]], _flag_type(hints[field.name])
+        if kind is bool:
+            negated = field.default is True
+            action = "store_false" if negated else "store_true"
+            flag = f"--no-{flag[2:]}" if negated else flag
+            group.add_argument(flag, dest=field.name, action=action, default=None, help=meta["help"])
+        else:
+            group.add_argument(flag, type=kind, choices=meta["choices"], default=None, help=meta["help"])
     parser.add_argument("-c", "--config", help="YAML file of settings (flag names, dashes or underscores)")
     parser.add_argument("overrides", nargs="*", help="key=value settings applied last, e.g. lr=0.01")
 
@@ -54,10 +54,7 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
 def add_commands(commands: Any) -> None:
     """Add the harness's subcommands to the ``restune`` parser."""
     p_train = commands.add_parser("train", help="train one tuner on one task")
-    p_train.add_argument("--tuner", help="preset, bypass preset or YAML spec (default res_tuning)")
-    p_train.add_argument("--dataset", help="task folder name inside --data-dir")
-    p_train.add_argument("--resume", action="store_true", default=None, help="continue the run in --output")
-    _add_run_flags(p_train)
+    _add_run_flags(p_train, "train")
     p_eval = commands.add_parser("eval", help="evaluate a finished run on a split")
     p_eval.add_argument("run", type=Path, help="a run folder written by restune train")
     p_eval.add_argument("--split", default="test", help="train800, val200, train800val200 or test")
@@ -67,7 +64,7 @@ def add_commands(commands: Any) -> None:
     p_sweep.add_argument("--tasks", nargs="+", required=True, help="task folder names inside --data-dir")
     p_sweep.add_argument("--presets", nargs="+", required=True)
     p_sweep.add_argument("--grid", nargs="+", default=[], help="with --protocol val: e.g. lr=1e-3,1e-2")
-    _add_run_flags(p_sweep)
+    _add_run_flags(p_sweep, "sweep")
     p_plot = commands.add_parser("plot", help="training curves and accuracy against trainable parameters (PNG)")
     p_plot.add_argument("runs", nargs="+", type=Path, help="run folders or sweep folders")
     p_plot.add_argument("--output", type=Path, required=True, help="folder for the PNG files")
@@ -82,14 +79,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def _run_folders(paths: list[Path]) -> list[Path]:
-    found = []
-    for path in paths:
-        if (path / "summary.csv").is_file():
-            found.append(path)
-        else:
-            found += sorted(p.parent for p in path.glob("runs/**/summary.csv"))
+    found = run_files.find_runs(paths)
     if not found:
-        raise SystemExit(f"restune plot: no run folder (with summary.csv) in {', '.join(map(str, paths))}")
+        raise SystemExit(f"restune plot: no run folder (with {run_files.SUMMARY}) in {', '.join(map(str, paths))}")
     return found
 
 
@@ -98,15 +90,15 @@ def evaluate_run(run: Path, split: str, data_dir: str | None = None, device: str
     import torch
 
     import restune
-    from restune.bypass import Bypass
+    from restune.atomic import atomic_write_text
     from restune.harness import distributed
-    from restune.harness.build import build_model, open_split, transforms_for
+    from restune.harness.build import build_backbone, open_split, transforms_for
     from restune.harness.config import resolved_recipe
-    from restune.harness.loop import atomic_write_text, evaluate
+    from restune.harness.loop import evaluate
 
-    record = run / "config.yaml"
-    if not record.is_file() or not (run / "tuners").is_dir():
-        raise SystemExit(f"restune eval: {run} is not a finished run (needs config.yaml and tuners/)")
+    record, tuners = run / run_files.CONFIG, run / run_files.TUNERS
+    if not record.is_file() or not tuners.is_dir():
+        raise SystemExit(f"restune eval: {run} is not a finished run (needs {record.name} and {tuners.name}/)")
     config = TrainConfig(**yaml.safe_load(record.read_text())["run"])
     if data_dir:
         config.data_dir = data_dir
@@ -114,12 +106,12 @@ def evaluate_run(run: Path, split: str, data_dir: str | None = None, device: str
     context = distributed.setup(device)
     num_classes = open_split(config, config.train_split).num_classes
     torch.manual_seed(config.seed)  # a randomly initialised backbone is rebuilt as the run built it
-    model = build_model(config, num_classes, recipe)
-    model = restune.load(model.backbone if isinstance(model, Bypass) else model, run / "tuners").to(context.device)
+    # The checkpoint's kind decides what load builds on the plain backbone: its tuners, or a new Bypass.
+    model = restune.load(build_backbone(config, num_classes, recipe), tuners).to(context.device)
     dataset = open_split(config, split, transforms_for(model, recipe)[1], num_classes=num_classes)
     accuracy = evaluate(model, dataset, context, 64, amp=False)
     result = {"run": str(run), "split": split, "accuracy": accuracy, "images": len(dataset)}
-    atomic_write_text(run / f"eval-{split}.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(run / run_files.eval_name(split), json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -149,7 +141,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         args.dataset, args.tuner, args.resume = None, None, None
         base = config_from_args(args)
         folder = sweep(base, args.tasks, args.presets, args.output or "sweep", grid=parse_grid(args.grid))
-        print((folder / "sweep.md").read_text())
+        print((folder / run_files.SWEEP_TABLE).read_text())
         return 0
     from restune.harness.plots import plot_accuracy_vs_params, plot_curves
     from restune.harness.tables import collect

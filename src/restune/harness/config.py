@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,18 @@ import yaml
 
 from restune.harness.recipes import RECIPES, Recipe, recipe_for
 
-__all__ = ["TrainConfig", "PROTOCOLS", "apply_overrides", "load_yaml", "resolved_recipe", "SPLITS", "parse_scalar"]
+__all__ = [
+    "TrainConfig",
+    "PROTOCOLS",
+    "FLAG_GROUPS",
+    "apply_overrides",
+    "load_yaml",
+    "resolved_recipe",
+    "SPLITS",
+    "parse_scalar",
+]
 
-# protocol -> (training split, evaluation split), specs/README.md §6.
+# protocol -> (training split, evaluation split), the protocols of docs/methods/README.md.
 SPLITS = {"final": ("train800val200", "test"), "paper": ("train800val200", "test"), "val": ("train800", "val200")}
 PROTOCOLS = tuple(SPLITS)
 METRICS = {
@@ -31,6 +41,9 @@ METRICS = {
 # Fields that may differ between a run and its resumption.
 NOT_IDENTITY = {"resume", "output", "progress", "num_workers"}
 FLOAT_FIELDS = ("lr", "weight_decay", "drop_path")
+NORMALIZATIONS = ("imagenet", "model", "none")  # restune.data.NORMALIZATIONS, kept here so the config needs no torch
+#: The argument groups of ``restune train --help``, in order; every field names one in its metadata.
+FLAG_GROUPS = ("model", "data", "training", "output")
 
 
 def parse_scalar(text: str) -> Any:
@@ -43,9 +56,40 @@ def parse_scalar(text: str) -> Any:
     return yaml.safe_load(text)
 
 
+def _setting(
+    default: Any,
+    group: str,
+    help: str,
+    *,
+    choices: Sequence[str] | None = None,
+    commands: Sequence[str] = ("train", "sweep"),
+) -> Any:
+    """A field with its command-line flag described beside it (``restune.harness.cli`` generates the flags).
+
+    Args:
+        default: The field's default (the flag itself defaults to None, so a YAML file and the recipe show through).
+        group: One of :data:`FLAG_GROUPS`.
+        help: The flag's help text, describing the flag (``--no-progress`` for the ``progress`` field).
+        choices: The values the flag accepts, when they are a closed set.
+        commands: The subcommands that take the flag; a sweep sets the task, the tuner and the run folders itself.
+    """
+    if group not in FLAG_GROUPS:
+        raise ValueError(f"flag group {group!r} is not one of {FLAG_GROUPS}")
+    metadata = {
+        "group": group,
+        "help": help,
+        "choices": tuple(choices) if choices else None,
+        "commands": tuple(commands),
+    }
+    return dataclasses.field(default=default, metadata=metadata)
+
+
 @dataclass
 class TrainConfig:
     """One run. ``None`` means "the recipe's value".
+
+    Each field's metadata holds its flag's group, help, choices and commands (see ``_setting``); the flags of
+    ``restune train`` and ``restune sweep`` are generated from it, so a new setting is one line here.
 
     Attributes:
         model: a timm model name (``restune_vit_tiny`` loads the weights shipped with restune).
@@ -64,32 +108,40 @@ class TrainConfig:
         img_size: input size when the model should run at another resolution than its default.
     """
 
-    model: str = "restune_vit_tiny"
-    pretrained_file: str | None = None
-    random_init: bool = False
-    tuner: str = "res_tuning"
-    recipe: str = "default"
-    data_dir: str | None = None
-    dataset: str | None = None
-    num_classes: int | None = None
-    protocol: str = "final"
-    epochs: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    weight_decay: float | None = None
-    warmup_epochs: int | None = None
-    drop_path: float | None = None
-    seed: int = 0
-    amp: bool = False
-    grad_accum: int = 1
-    output: str | None = None
-    resume: bool = False
-    bypass_cache: bool = False
-    normalization: str | None = None
-    img_size: int | None = None
-    num_workers: int = 0
-    device: str = "auto"
-    progress: bool = True
+    model: str = _setting("restune_vit_tiny", "model", "timm model name (default restune_vit_tiny, shipped pretrained)")
+    pretrained_file: str | None = _setting(
+        None, "model", "local .safetensors/.pth (timm file overlay) or Google .npz weights"
+    )
+    random_init: bool = _setting(False, "model", "ignore shipped weights (baseline)")
+    tuner: str = _setting(
+        "res_tuning", "model", "preset, bypass preset or YAML spec (default res_tuning)", commands=("train",)
+    )
+    recipe: str = _setting(
+        "default", "training", "default (FacT/NOAH) or paper (the method's own code)", choices=RECIPES
+    )
+    data_dir: str | None = _setting(
+        None, "data", "folder holding the task folders (VTAB-1k lists or ImageFolder trees)"
+    )
+    dataset: str | None = _setting(None, "data", "task folder name inside --data-dir", commands=("train",))
+    num_classes: int | None = _setting(None, "data", "head size, checked against the labels (default: inferred)")
+    protocol: str = _setting("final", "training", "final (default), paper or val", choices=PROTOCOLS)
+    epochs: int | None = _setting(None, "training", "training epochs (default: the recipe's)")
+    batch_size: int | None = _setting(None, "training", "global batch size (split over processes)")
+    lr: float | None = _setting(None, "training", "peak learning rate (default: the recipe's)")
+    weight_decay: float | None = _setting(None, "training", "AdamW weight decay (default: the recipe's)")
+    warmup_epochs: int | None = _setting(None, "training", "linear warmup epochs (default: the recipe's)")
+    drop_path: float | None = _setting(None, "training", "backbone stochastic depth (default: the recipe's)")
+    seed: int = _setting(0, "training", "seed of initialisation, shuffling and augmentation (default 0)")
+    amp: bool = _setting(False, "training", "bf16 autocast on GPU")
+    grad_accum: int = _setting(1, "training", "batches per optimizer step")
+    output: str | None = _setting(None, "output", "run folder (sweep: the sweep folder)")
+    resume: bool = _setting(False, "output", "continue the run in --output", commands=("train",))
+    bypass_cache: bool = _setting(False, "training", "train a Bypass from features")
+    normalization: str | None = _setting(None, "data", "default: the recipe's", choices=NORMALIZATIONS)
+    img_size: int | None = _setting(None, "model", "input size, when not the model's default")
+    num_workers: int = _setting(0, "data", "data loader worker processes (default 0)")
+    device: str = _setting("auto", "training", "auto (default), cpu or cuda")
+    progress: bool = _setting(True, "output", "no progress bars")
 
     def __post_init__(self) -> None:
         for name in FLOAT_FIELDS:

@@ -27,28 +27,19 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 import restune
+from restune.atomic import atomic_write, atomic_write_text
 from restune.bypass import Bypass
 from restune.features import CacheKey, FeatureCache, extract
-from restune.harness import distributed
+from restune.harness import distributed, run_files
 from restune.harness.build import build_model, count, open_split, param_groups, transforms_for
 from restune.harness.config import TrainConfig, resolved_recipe
 from restune.harness.recipes import Recipe
+from restune.harness.run_files import SUMMARY_FIELDS
 
+# atomic_write_text is re-exported: older callers import it from here (restune.atomic is its home).
 __all__ = ["train", "lr_at", "SUMMARY_FIELDS", "evaluate", "atomic_write_text", "write_summary"]
 
-SUMMARY_FIELDS = [
-    "task", "preset", "model", "protocol", "metric", "accuracy", "best_epoch", "epochs", "trainable",
-    "trainable_without_head", "head", "num_classes", "lr", "weight_decay", "batch_size", "seed", "recipe",
-    "test_images",
-]  # fmt: skip
-STATE_FILE = "train_state.pt"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file under a temporary name and rename it, so a reader never sees half of it."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+STATE_FILE = run_files.STATE
 
 
 def lr_at(recipe: Recipe, t: float) -> float:
@@ -136,7 +127,7 @@ def _evaluates(config: TrainConfig, recipe: Recipe, epoch: int, total: int) -> b
 
 
 def _check_resumable(run_dir: Path, config: TrainConfig) -> None:
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())["run"]
+    saved = yaml.safe_load((run_dir / run_files.CONFIG).read_text())["run"]
     mine = config.identity()
     different = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
     if different:
@@ -150,21 +141,20 @@ def _prepare_folder(run_dir: Path, config: TrainConfig, recipe: Recipe, context:
     if resumable and config.resume:
         _check_resumable(run_dir, config)
         return True
-    if (resumable or (run_dir / "summary.csv").exists()) and not config.resume:
+    if (resumable or (run_dir / run_files.SUMMARY).exists()) and not config.resume:
         raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it, or another --output")
     if context.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         record = {"run": config.to_dict(), "recipe": {**recipe.__dict__, "no_decay": list(recipe.no_decay)}}
-        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(record, sort_keys=False))
+        atomic_write_text(run_dir / run_files.CONFIG, yaml.safe_dump(record, sort_keys=False))
     distributed.barrier(context)
     return False
 
 
 def _save_state(path: Path, epoch: int, model: nn.Module, optimizer: Any, history: list[dict]) -> None:
     trainable = {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"epoch": epoch, "trainable": trainable, "optimizer": optimizer.state_dict(), "history": history}, tmp)
-    os.replace(tmp, path)
+    state = {"epoch": epoch, "trainable": trainable, "optimizer": optimizer.state_dict(), "history": history}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def _load_state(path: Path, model: nn.Module, optimizer: Any) -> tuple[int, list[dict]]:
@@ -184,12 +174,16 @@ def _summary(config: TrainConfig, recipe: Recipe, model: nn.Module, history: lis
     else:
         accuracy, best = evaluated[-1]
     trainable, head = count(model)
-    values = [
-        config.dataset, config.preset_name(), config.model, config.protocol, config.metric, round(accuracy, 4), best,
-        len(history), trainable, trainable - head, head, int(model.get_classifier().out_features), recipe.lr,
-        recipe.weight_decay, recipe.batch_size, config.seed, recipe.name, test_images,
-    ]  # fmt: skip
-    return dict(zip(SUMMARY_FIELDS, values, strict=True))
+    row = {
+        "task": config.dataset, "preset": config.preset_name(), "model": config.model, "protocol": config.protocol,
+        "metric": config.metric, "accuracy": round(accuracy, 4), "best_epoch": best, "epochs": len(history),
+        "trainable": trainable, "trainable_without_head": trainable - head, "head": head,
+        "num_classes": int(model.get_classifier().out_features), "lr": recipe.lr, "weight_decay": recipe.weight_decay,
+        "batch_size": recipe.batch_size, "seed": config.seed, "recipe": recipe.name, "test_images": test_images,
+    }  # fmt: skip
+    differ = set(row) ^ set(SUMMARY_FIELDS)  # the schema (run_files) and this writer must name the same columns
+    assert not differ, f"summary row and run_files.SUMMARY_FIELDS differ in {sorted(differ)}"
+    return {name: row[name] for name in SUMMARY_FIELDS}
 
 
 def write_summary(path: Path, row: dict) -> None:
@@ -228,7 +222,7 @@ def _train(config: TrainConfig, context: distributed.Context) -> dict[str, Any]:
     if config.bypass_cache:
         if not isinstance(model, Bypass):
             raise ValueError(f"--bypass-cache trains a Bypass from features; {config.tuner!r} is not a bypass tuner")
-        cache = run_dir / "cache"
+        cache = run_dir / run_files.CACHE
         train_set = _cached(model, train_set, train_tf, cache / config.train_split, context, config.progress)
         eval_set = _cached(model, eval_set, eval_tf, cache / config.eval_split, context, config.progress)
         runner = _FromFeatures(model)
@@ -285,10 +279,10 @@ def _train(config: TrainConfig, context: distributed.Context) -> dict[str, Any]:
         })  # fmt: skip
         if context.is_main:
             _save_state(run_dir / STATE_FILE, epoch + 1, model, optimizer, history)
-            atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
+            atomic_write_text(run_dir / run_files.METRICS, "".join(json.dumps(row) + "\n" for row in history))
     row = _summary(config, recipe, model, history, len(eval_set))
     if context.is_main:
-        restune.save(model, run_dir / "tuners")
-        write_summary(run_dir / "summary.csv", row)
+        restune.save(model, run_dir / run_files.TUNERS)
+        write_summary(run_dir / run_files.SUMMARY, row)
     distributed.barrier(context)
     return row

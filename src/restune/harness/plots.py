@@ -2,7 +2,8 @@
 
 Figures are built on :class:`matplotlib.figure.Figure` directly rather than through ``pyplot``: no global figure
 state, no backend selection and no window, so plotting is safe in tests, on headless machines and from threads.
-Files are written atomically (temporary sibling, then rename), like the tables, so a watcher never sees half a PNG.
+matplotlib is the ``plot`` extra, imported when a figure is drawn, so the rest of the harness works without it. Files
+are written with :func:`restune.atomic.atomic_write`, like the tables, so a watcher never sees half a PNG.
 """
 
 from __future__ import annotations
@@ -11,30 +12,35 @@ import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from matplotlib.figure import Figure
-
+from restune.atomic import atomic_write
+from restune.harness import run_files
 from restune.harness.tables import (
     MEAN_TASKS,
     PARAMS_WITH_HEAD,
     PARAMS_WITHOUT_HEAD,
-    SUMMARY_NAME,
-    atomic_write,
     read_metrics,
     read_summary,
     sweep_table,
 )
+from restune.optional import require
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["plot_curves", "plot_accuracy_vs_params"]
 
 _DPI = 110
 
 
+def _figure(**kwargs: Any) -> Figure:
+    return require("matplotlib.figure", "plot", "restune plot").Figure(**kwargs)
+
+
 def _save(figure: Figure, path: str | os.PathLike[str]) -> Path:
-    target = Path(path)
-    atomic_write(target, lambda tmp: figure.savefig(tmp, format="png", dpi=_DPI))
-    return target
+    # The temporary file's name ends in .tmp, so the format is given rather than guessed from the suffix.
+    return atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=_DPI))
 
 
 def _finite(value: Any) -> bool:
@@ -43,7 +49,7 @@ def _finite(value: Any) -> bool:
 
 def _label(run_dir: Path) -> str:
     # A run still in progress has metrics but no summary yet; its curves are still worth seeing.
-    if not (run_dir / SUMMARY_NAME).is_file():
+    if not run_files.is_run(run_dir):
         return run_dir.name
     summary = read_summary(run_dir)
     return f"{summary['preset']} / {summary['task']}"
@@ -67,11 +73,12 @@ def plot_curves(run_dirs: Iterable[str | os.PathLike[str]], path: str | os.PathL
     Raises:
         ValueError: No run folders were given.
         FileNotFoundError: A folder has no ``metrics.jsonl``.
+        ImportError: matplotlib is not installed (the ``plot`` extra).
     """
     folders = [Path(d) for d in run_dirs]
     if not folders:
         raise ValueError("no run folders to plot")
-    figure = Figure(figsize=(11.0, 4.4), layout="constrained")
+    figure = _figure(figsize=(11.0, 4.4), layout="constrained")
     loss_axes, acc_axes = figure.subplots(1, 2)
     splits: list[str] = []
     any_eval = False
@@ -122,6 +129,7 @@ def plot_accuracy_vs_params(
 
     Raises:
         ValueError: No rows, or rows mixing protocols (see :func:`~restune.harness.tables.sweep_table`).
+        ImportError: matplotlib is not installed (the ``plot`` extra).
     """
     table = sweep_table(rows)
     column = PARAMS_WITH_HEAD if with_head else PARAMS_WITHOUT_HEAD
@@ -134,7 +142,7 @@ def plot_accuracy_vs_params(
         else:
             points.append((preset, float(params), float(accuracy)))
 
-    figure = Figure(figsize=(7.5, 5.0), layout="constrained")
+    figure = _figure(figsize=(7.5, 5.0), layout="constrained")
     axes = figure.subplots()
     axes.set_xscale("log")
     positive = [p for _, p, _ in points if p > 0]

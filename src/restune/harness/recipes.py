@@ -1,8 +1,8 @@
-"""Training recipes: the values a run trains with unless the user overrides them (specs/README.md §6).
+"""Training recipes: the values a run trains with unless the user overrides them (docs/methods/README.md).
 
 ``default`` is the FacT/NOAH recipe every method can share (AdamW, LR 1e-3, WD 1e-4, batch 64, 100 epochs with 10
 warmup epochs from 1e-6, cosine to 1e-5, drop_path 0.1, ImageNet statistics; full fine-tuning at LR 1e-4). ``paper``
-is the recipe of the method's own code base where the specs give one (RLRR's per-task table, ARC, SNELL's per-task
+is the recipe of the method's own code base where its document gives one (RLRR's per-task table, ARC, SNELL's per-task
 table, SSF, HTA's zero head); for the others it equals ``default``.
 """
 
@@ -62,7 +62,7 @@ class Recipe:
         return dataclasses.replace(self, **changes)
 
 
-# RLRR official VTAB-1k configuration (rlrr.md §8): task -> (LR, WD, residual dropout, h-flip).
+# RLRR official VTAB-1k configuration (docs/methods/rlrr.md): task -> (LR, WD, residual dropout, h-flip).
 RLRR_TASKS: dict[str, tuple[float, float, float, bool]] = {
     "cifar": (3e-3, 5e-5, 0.1, False),
     "caltech101": (1e-3, 5e-5, 0.1, False),
@@ -85,7 +85,7 @@ RLRR_TASKS: dict[str, tuple[float, float, float, bool]] = {
     "smallnorb_ele": (1e-3, 5e-5, 0.3, True),
 }
 
-# SNELL-32 official VTAB-1k scripts (snell.md §7): task -> (batch, LR, WD, epochs).
+# SNELL-32 official VTAB-1k scripts (docs/methods/snell.md): task -> (batch, LR, WD, epochs).
 SNELL_TASKS: dict[str, tuple[int, float, float, int]] = {
     "cifar": (16, 1e-3, 1e-2, 200),
     "caltech101": (16, 1e-3, 1e-2, 200),
@@ -111,7 +111,7 @@ SNELL_TASKS: dict[str, tuple[int, float, float, int]] = {
 
 def _rlrr(task: str) -> Recipe:
     # Residual dropout (the official element-wise dropout on the residual branches) is approximated by timm's
-    # stochastic depth at the task's rate (rlrr.md §6 names it as the alternative).
+    # stochastic depth at the task's rate (docs/methods/rlrr.md names it as the alternative).
     base = Recipe(
         name="paper (RLRR official VTAB config)",
         batch_size=32,

@@ -15,8 +15,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from restune.atomic import atomic_write_text
 from restune.data import VTAB_GROUPS
-from restune.harness.build import bypass_spec
+from restune.harness import run_files
+from restune.harness.build import is_bypass
 from restune.harness.config import TrainConfig, parse_scalar
 from restune.harness.loop import train, write_summary
 from restune.harness.tables import collect, sweep_table
@@ -56,9 +58,10 @@ def _label(point: Mapping[str, Any]) -> str:
 
 
 def _run(config: TrainConfig) -> dict[str, Any]:
-    summary = Path(config.output) / "summary.csv"
+    summary = Path(config.output) / run_files.SUMMARY
     if summary.is_file():
-        return next(csv.DictReader(summary.open()))
+        with summary.open(newline="", encoding="utf-8") as file:
+            return next(csv.DictReader(file))
     return train(config)
 
 
@@ -82,7 +85,7 @@ def sweep(
     *,
     grid: dict[str, list[Any]] | None = None,
 ) -> Path:
-    """Run every (task, preset) and write ``sweep.md`` and ``sweep.csv`` into ``output``; return the folder."""
+    """Run every (task, preset) and write ``sweep.md`` and ``sweep.csv`` (atomically) into ``output``."""
     output = Path(output)
     if base.protocol == "val" and not grid:
         raise ValueError("protocol 'val' chooses hyper-parameters on val200: give a grid, e.g. --grid lr=1e-3,1e-2")
@@ -90,21 +93,21 @@ def sweep(
         raise ValueError(f"a grid needs protocol 'val' (hyper-parameters chosen on val200), not {base.protocol!r}")
     run_dirs = []
     for task, preset in itertools.product(tasks, presets):
-        folder = output / "runs" / task / preset
-        cached = base.bypass_cache and bypass_spec(preset) is not None  # --bypass-cache applies to bypass presets
+        folder = run_files.sweep_run(output, task, preset)
+        cached = base.bypass_cache and is_bypass(preset)  # --bypass-cache applies to bypass presets
         config = dataclasses.replace(
             base, dataset=task, tuner=preset, output=str(folder), resume=False, bypass_cache=cached
         )
         if base.protocol == "val":
-            point = _selected(config, grid or {}, output / "select" / task / preset)
+            point = _selected(config, grid or {}, run_files.sweep_select(output, task, preset))
             config = dataclasses.replace(config, protocol="final", **point)
             row = _run(config)
             row.update(protocol="val", metric=f"{VAL_METRIC}; chosen {_label(point)}")
-            write_summary(folder / "summary.csv", row)
+            write_summary(folder / run_files.SUMMARY, row)
         else:
             _run(config)
         run_dirs.append(folder)
     table = sweep_table(collect(run_dirs), task_groups(tasks))
-    (output / "sweep.md").write_text(table.to_markdown() + "\n")
-    table.to_csv(output / "sweep.csv")
+    atomic_write_text(output / run_files.SWEEP_TABLE, table.to_markdown() + "\n")
+    table.to_csv(output / run_files.SWEEP_CSV)
     return output

@@ -1,8 +1,9 @@
 """Read training-run folders and turn them into one sweep table (presets x tasks) per protocol.
 
 A run folder, as the trainer writes it, holds ``summary.csv`` (a header and one data row, see
-:data:`SUMMARY_COLUMNS`) and ``metrics.jsonl`` (one JSON object per epoch). This module only reads those files, so it
-can summarise runs produced on other machines without importing torch or the rest of restune.
+:data:`SUMMARY_COLUMNS`) and ``metrics.jsonl`` (one JSON object per epoch); their names and the columns come from
+:mod:`restune.harness.run_files`, which the writers use too. This module only reads those files, with the standard
+library alone, so it can summarise runs produced on other machines.
 
 The table follows the conventions papers use for VTAB-1k, made explicit because they change the headline number:
 the mean over tasks and the mean of the group means (Natural, Specialized, Structured) are both shown, a preset with
@@ -16,11 +17,13 @@ import io
 import json
 import math
 import os
-import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from restune.atomic import atomic_write, atomic_write_text
+from restune.harness import run_files
 
 __all__ = [
     "SUMMARY_NAME",
@@ -42,30 +45,11 @@ __all__ = [
     "atomic_write",
 ]
 
-SUMMARY_NAME = "summary.csv"
-METRICS_NAME = "metrics.jsonl"
+SUMMARY_NAME = run_files.SUMMARY
+METRICS_NAME = run_files.METRICS
 
-#: The columns of ``summary.csv``, in the order the trainer writes them.
-SUMMARY_COLUMNS = (
-    "task",
-    "preset",
-    "model",
-    "protocol",
-    "metric",
-    "accuracy",
-    "best_epoch",
-    "epochs",
-    "trainable",
-    "trainable_without_head",
-    "head",
-    "num_classes",
-    "lr",
-    "weight_decay",
-    "batch_size",
-    "seed",
-    "recipe",
-    "test_images",
-)
+#: The columns of ``summary.csv``, in the order the trainer writes them (the schema's, under the readers' name).
+SUMMARY_COLUMNS = run_files.SUMMARY_FIELDS
 
 _INT_COLUMNS = frozenset(
     ["best_epoch", "epochs", "trainable", "trainable_without_head", "head", "num_classes", "batch_size", "seed"]
@@ -305,8 +289,8 @@ class SweepTable:
     def to_csv(self, path: str | os.PathLike[str]) -> Path:
         """Write the table as CSV, atomically, with full-precision numbers and empty missing cells.
 
-        The file is written to a temporary sibling and renamed into place, so a reader never sees half a table and
-        a crash leaves the previous file intact.
+        The file goes through :func:`restune.atomic.atomic_write`, so a reader never sees half a table and a crash
+        leaves the previous file intact.
 
         Args:
             path: Destination file; its folder is created if needed.
@@ -325,26 +309,8 @@ class SweepTable:
         writer.writerow(self.columns)
         writer.writerows([cell(v) for v in row] for row in self.rows)
         target = Path(path)
-        atomic_write(target, lambda tmp: tmp.write_text(buffer.getvalue(), encoding="utf-8"))
+        atomic_write_text(target, buffer.getvalue())
         return target
-
-
-def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it onto ``path``.
-
-    The rename is atomic on one file system, so readers see the old file or the new one, never a partial write; the
-    temporary file is removed if writing fails.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def sweep_table(rows: Sequence[Mapping[str, Any]], groups: Mapping[str, str] | None = None) -> SweepTable:

@@ -20,18 +20,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from restune.optional import require
 from restune.pretraining.model import MODEL_NAME
 from restune.pretraining.train import PretrainConfig, evaluate
 
 __all__ = ["digits_data", "class_token_features", "linear_probe", "main"]
 
+PURPOSE = "the pretraining probe"  # scikit-learn's digits and logistic regression: the ``suite`` extra
+
 
 def digits_data(seed: int = 0) -> tuple[torch.Tensor, np.ndarray, torch.Tensor, np.ndarray]:
     """The sklearn digits as normalised 32x32 RGB tensors, split half/half (stratified, fixed seed)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
+    digits = require("sklearn.datasets", "suite", PURPOSE).load_digits()
+    train_test_split = require("sklearn.model_selection", "suite", PURPOSE).train_test_split
     images = torch.from_numpy(digits.images.astype(np.float32) / 16.0)[:, None]
     images = F.interpolate(images, size=(32, 32), mode="bilinear", align_corners=False).clamp(0, 1)
     images = (images.repeat(1, 3, 1, 1) - 0.5) / 0.5
@@ -53,12 +54,11 @@ def class_token_features(model: nn.Module, images: torch.Tensor, batch: int = 25
 
 def linear_probe(model: nn.Module, data: tuple[torch.Tensor, np.ndarray, torch.Tensor, np.ndarray]) -> float:
     """Test accuracy of a logistic regression on standardised frozen features."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
+    preprocessing = require("sklearn.preprocessing", "suite", PURPOSE)
+    linear_model = require("sklearn.linear_model", "suite", PURPOSE)
+    pipeline = require("sklearn.pipeline", "suite", PURPOSE)
     x_train, y_train, x_test, y_test = data
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000))
+    probe = pipeline.make_pipeline(preprocessing.StandardScaler(), linear_model.LogisticRegression(max_iter=3000))
     probe.fit(class_token_features(model, x_train), y_train)
     return float(probe.score(class_token_features(model, x_test), y_test))
 

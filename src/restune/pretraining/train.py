@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
+from restune.atomic import atomic_write
 from restune.pretraining.images import batch_rng, make_categories
 from restune.pretraining.model import ARCH, FRACTAL_CLASSES, TEXTURE_CLASSES, build
 from restune.pretraining.objective import ORIENTATION_BINS, mask_patches, patch_targets, random_patch_mask
@@ -100,24 +101,15 @@ def _lr(config: PretrainConfig, step: int) -> float:
     return config.lr * warm * 0.5 * (1.0 + math.cos(math.pi * step / config.steps))
 
 
-def _atomic_torch_save(state: dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def save_weights(model: nn.Module, path: str | os.PathLike, metadata: dict[str, Any]) -> None:
     """Write the state dict as fp16 safetensors, atomically (a crash never leaves a half-written weight file).
 
     fp16 halves the shipped size; timm's loader copies into the float32 parameters, so a loaded model is float32.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata={k: json.dumps(v) for k, v in metadata.items()})
-    os.chmod(tmp, 0o644)  # safetensors creates 0600 files; a file shipped in the package must be readable by all
-    os.replace(tmp, path)
+    text = {k: json.dumps(v) for k, v in metadata.items()}
+    # 0644 whatever the umask: a file shipped in the package must be readable by all.
+    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=text), mode=0o644)
 
 
 @torch.no_grad()
@@ -214,7 +206,7 @@ def _pretrain(config: PretrainConfig) -> dict[str, Any]:
         if ckpt is not None and (done % config.checkpoint_every == 0 or done == config.steps):
             state = dict(model=model.state_dict(), dense=dense.state_dict(), optimizer=optimizer.state_dict())
             state.update(rng=torch.get_rng_state(), step=done, elapsed=time.time() - began)
-            _atomic_torch_save(state, ckpt)
+            atomic_write(ckpt, lambda tmp, state=state: torch.save(state, tmp))
     bar.close()
     summary = evaluate(model, dense if config.dense_weight > 0 else None, config)
     summary.update(train_wall_s=round(time.time() - began, 1))

@@ -16,6 +16,7 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
+from restune.optional import require
 from restune.suite import draw as d
 
 Array = np.ndarray
@@ -58,9 +59,7 @@ class Task(NamedTuple):
 @lru_cache(maxsize=1)
 def digit_data() -> tuple[Array, Array]:
     """scikit-learn's bundled 8x8 handwritten digits (1,797 real scans, no download) as ([0, 1] images, targets)."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
+    data = require("sklearn.datasets", "suite", "the suite's digits task").load_digits()
     return (data.images / 16.0).astype(np.float32), data.target.astype(np.int64)
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from restune.atomic import atomic_write_text
 from restune.suite.tasks import TASKS, Task
 
 MANIFEST = "suite.json"
@@ -148,9 +149,7 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
 def _update_manifest(root: Path, name: str, entry: dict[str, Any]) -> None:
     manifest = read_manifest(root)
     manifest["tasks"][name] = entry
-    tmp = root / f".{MANIFEST}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, root / MANIFEST)
+    atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 def is_complete(root: str | Path, name: str, seed: int = 0, test_size: int = 500, image_size: int = 32) -> bool:
