@@ -1,4 +1,4 @@
-"""Shared helpers: a tiny timm ViT with seeded, non-trivial weights (fixtures README §3) and random inputs.
+"""Shared helpers: a tiny timm ViT with seeded, non-trivial weights (docs/fixtures.md §3) and random inputs.
 
 The functions are importable (``from conftest import make_vit``) and also exposed as fixtures.
 """

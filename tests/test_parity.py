@@ -1,5 +1,5 @@
 """Parity with the official implementations: the shipped fixtures, fixtures of other shapes made here with real peft,
-and restune's LoRA against live peft outputs and gradients (fixtures README §2a)."""
+and restune's LoRA against live peft outputs and gradients (docs/fixtures.md §2a)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""Tuner forwards against from-scratch references of the specs' equations, on a tiny timm ViT.
+"""Tuner forwards against from-scratch references of the equations in docs/methods, on a tiny timm ViT.
 
 A reference ViT forward with a hook per binding reproduces timm, and each Res-Tuning tuner's output is checked
-against its equation (specs/res-tuning.md §2-5, res-attn.md §3); several tuners on one op add up (§6); a float64
+against its equation (docs/methods/res-tuning.md §3-6, res-attn.md); several tuners on one op add up (§7); a float64
 gradcheck covers the attention-branch and Res-Attn backward passes.
 """
 
@@ -130,7 +130,7 @@ def scaled(scale: nn.Module, branch: Tensor) -> Tensor:
 
 
 def prefix_branch_reference(model: nn.Module, tuners: dict[int, nn.Module]) -> LayerFn:
-    """specs/res-tuning.md §3: s * [P_1 ... P_H] W_o, P_h = softmax(Q_h K^_h^T / sqrt(d_h)) V^_h, frozen W_o, no b_o."""
+    """res-tuning.md §4: s * [P_1 ... P_H] W_o, P_h = softmax(Q_h K^_h^T / sqrt(d_h)) V^_h, frozen W_o, no b_o."""
 
     def branch(i: int, q: Tensor) -> Tensor:
         tuner, attn = tuners[i], model.blocks[i].attn
@@ -143,7 +143,7 @@ def prefix_branch_reference(model: nn.Module, tuners: dict[int, nn.Module]) -> L
 
 
 def prompt_branch_reference(model: nn.Module, tuners: dict[int, nn.Module]) -> LayerFn:
-    """specs/res-tuning.md §4: K_p = P W_k + b_k, V_p = P W_v + b_v through the frozen projections."""
+    """docs/methods/res-tuning.md §5: K_p = P W_k + b_k, V_p = P W_v + b_v through the frozen projections."""
 
     def branch(i: int, q: Tensor) -> Tensor:
         tuner, attn = tuners[i], model.blocks[i].attn
@@ -158,7 +158,7 @@ def prompt_branch_reference(model: nn.Module, tuners: dict[int, nn.Module]) -> L
 
 
 def res_attn_reference(tuners: dict[int, nn.Module], heads: int) -> LayerFn:
-    """res-attn.md §2: s * [o_1 ... o_h] B_o, q = u A_q, k = u A_k (or T A_k), v = u A_v (or T A_v), no biases."""
+    """res-attn.md: s * [o_1 ... o_h] B_o, q = u A_q, k = u A_k (or T A_k), v = u A_v (or T A_v), no biases."""
 
     def branch(i: int, u: Tensor) -> Tensor:
         t = tuners[i]
@@ -312,12 +312,12 @@ def test_lora_split_q_v_equals_the_merged_weight_model() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Several tuners on one op are summed (specs/res-tuning.md §6).
+# Several tuners on one op are summed (docs/methods/res-tuning.md §7).
 # ---------------------------------------------------------------------------------------------------------------
 
 
 def adapter_reference(tuner: nn.Module, u: Tensor) -> Tensor:
-    """specs/res-tuning.md §2: s * (GELU(u W_down + b_down) W_up + b_up)."""
+    """docs/methods/res-tuning.md §3: s * (GELU(u W_down + b_down) W_up + b_up)."""
     hidden = F.gelu(F.linear(u, tuner.down.weight, tuner.down.bias))
     return scaled(tuner.scale, F.linear(hidden, tuner.up.weight, tuner.up.bias))
 

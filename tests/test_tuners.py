@@ -1,8 +1,8 @@
-"""Tuner training behaviour on a tiny timm ViT (the forwards against the specs' equations: test_tuner_equations.py).
+"""Tuner training behaviour on a tiny timm ViT (the forwards against their equations: test_tuner_equations.py).
 
-Every preset and a few non-default placements are checked for: identity at initialisation, which parameters get
-gradients at step 0 (specs/res-tuning.md §2-5, res-attn.md §3, baselines.md §1) and that training moves only the
-active set's tensors.
+The Res-Tuning presets, LoRA and a few non-default placements are checked for which parameters get gradients at step
+0 (docs/methods/res-tuning.md §3-6, res-attn.md, baselines.md); the placements also for identity at initialisation
+and that training moves only the active set's tensors (for every preset, test_contract.py checks those two).
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def named_tuner_params(model: nn.Module, set_name: str = "default") -> list[tupl
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", list(EXTRA_CASES))  # the presets: test_contract.py (exact start)
 def test_tuned_model_starts_as_the_pretrained_model(case: str) -> None:
     model, before = tuned(case)
     images = make_images()
@@ -152,7 +152,7 @@ def frozen_snapshot(model: nn.Module, include_head: bool) -> dict[str, Tensor]:
 
 
 @pytest.mark.parametrize("head", ["train", "freeze"])
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", list(EXTRA_CASES))  # the presets: test_contract.py (one AdamW step, both heads)
 def test_adamw_step_touches_only_the_active_set(case: str, head: str) -> None:
     model, _ = tuned(case, head=head)
     trains_head = head == "train"
