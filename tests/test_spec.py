@@ -401,3 +401,35 @@ def test_round_tripped_spec_tunes_alike(tmp_path: Path) -> None:
     direct = restune.report(restune.tune(meta_vit(), spec))
     restored = restune.report(restune.tune(meta_vit(), resolve_spec(json_round_trip(spec.to_dict()))))
     assert (restored.trainable, restored.head, restored.tuners) == (direct.trainable, direct.head, direct.tuners)
+
+
+def test_a_preset_resolves_per_backbone_family() -> None:
+    # The default entry is what register_preset(name, build) registers; a family's own entry wins on that family.
+    from restune.contract import preset_families, register_preset, unregister_preset
+    from restune.tuners import LoraConfig
+
+    register_preset(
+        "lora", lambda: TuneSpec([LoraConfig(sites=["to_q", "to_k", "to_v", "to_out.0"], r=4)]), family="unet"
+    )
+    try:
+        assert preset_families("lora") == ["default", "unet"]
+        on_unet = resolve_spec("lora", family="unet")
+        assert on_unet.tuners[0].r == 4 and on_unet.tuners[0].sites == ["to_q", "to_k", "to_v", "to_out.0"]
+        assert on_unet.preset == "lora"
+        assert resolve_spec("lora").tuners[0] == LoraConfig()  # the default family is untouched
+        assert resolve_spec("lora", family="convnext").tuners[0] == LoraConfig()  # no own entry: the default
+        with pytest.raises(ValueError, match="already registered for family 'unet'"):
+            register_preset("lora", lambda: TuneSpec([]), family="unet")
+    finally:
+        unregister_preset("lora", family="unet")
+    assert preset_families("lora") == ["default"]
+
+
+def test_a_spec_of_the_other_kind_is_refused_naming_the_call_that_takes_it() -> None:
+    with pytest.raises(ValueError, match=r"bypass spec.*restune\.Bypass"):
+        restune.tune(meta_vit(), "res_tuning_bypass")
+    with pytest.raises(ValueError, match=r"tuners spec.*restune\.tune"):
+        restune.Bypass(meta_vit(), "lora", num_classes=3)
+    assert restune.resolve("res_tuning_bypass").kind == "bypass" and restune.resolve("lora").kind == "tuners"
+    bypass = restune.resolve("res_tuning_bypass")
+    assert restune.resolve(json_round_trip(bypass.to_dict())) == bypass
