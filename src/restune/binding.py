@@ -376,7 +376,8 @@ class TokenHost:
             block.register_forward_pre_hook(functools.partial(self._before_block, index))
             for index, block in enumerate(self.model.blocks)
         ]
-        # Always called, so a forward that fails between the blocks and the norm leaves no token count behind.
+        # Always called, so a norm that raises still clears the count; the first tuned block of every forward sets it
+        # afresh in any case, so an exception anywhere leaves nothing the next forward reads.
         self.handles.append(self.model.norm.register_forward_hook(self._after_norm, always_call=True))
 
     def detach(self) -> None:
